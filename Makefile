@@ -1,0 +1,99 @@
+# moewidgets — set up, open, test and build the course.  GNU make; works as root and non-root.
+#
+#   make lab        create .venv if missing, install, open JupyterLab on the book (127.0.0.1, token kept)
+#   make test       unit + packaging + browser tests, nbval on the book, book build with warnings as errors
+#   make book       build the HTML book (notebooks executed) into book/_build/html
+#   make bench      run the benchmarks (bench/)
+#   make reproduce  the chapter-1 claim runs (resumable) -> book/results/chapter1.jsonl
+#   make clean      remove build outputs and caches (keeps the venv);  make distclean: also the venv
+#
+# Overridable:  VENV=.venv  PYTHON=python3  TORCH_SPEC='torch==2.13.0'  MOEWIDGETS_DATA=/path/to/data
+# A bare `torch` on x86_64 resolves to a multi-GB CUDA build; the default pins the CPU wheel.
+# For a CUDA build:  TORCH_SPEC='torch' make install
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PYTHON ?= python3
+PY = $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= lab,book,test
+
+# The data folder (WikiText-2, chapter 2 on): the environment wins, else ../shared/data if it exists.
+ifndef MOEWIDGETS_DATA
+ifneq ($(wildcard ../shared/data),)
+MOEWIDGETS_DATA := $(abspath ../shared/data)
+endif
+endif
+ifdef MOEWIDGETS_DATA
+export MOEWIDGETS_DATA
+endif
+
+# JupyterLab refuses to run as root without --allow-root; add it only then.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
+BOOK_BUILD = $(VENV)/bin/jupyter-book build book/ --config jupyter_book_config.yml
+# Start of this make invocation, for the wall time that `make test` prints.
+T0 := $(shell date +%s)
+
+.PHONY: help install lab test book bench reproduce clean distclean
+
+help:
+	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+
+# ---------------------------------------------------------------------------------------------
+# Install: torch FIRST (TORCH_SPEC), then the package with the CI pins. Re-runs only when
+# pyproject.toml or constraints.txt change (or the stamp is removed).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]"
+	@mkdir -p $(LAB_SETTINGS)
+	@printf '%s\n' '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' \
+		> $(LAB_SETTINGS)/overrides.json
+	@touch $@
+
+install: $(VENV)/.installed
+
+# ---------------------------------------------------------------------------------------------
+lab: install
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --ServerApp.root_dir=book $(ALLOW_ROOT) \
+		$(wildcard book/chapter1.ipynb)
+
+# ---------------------------------------------------------------------------------------------
+# Stops at the first failing step; prints each step's and the whole run's wall time.
+test: install
+	@step() { local name=$$1 t=$$(date +%s); shift; echo; echo "==> $$name: $$*"; \
+		"$$@" || return $$?; echo "<== $$name: ok in $$(( $$(date +%s) - t )) s"; }; \
+	rc=0; { \
+		step "pytest tests" $(PY) -m pytest tests && \
+		step "nbval" $(PY) -m pytest --nbval --nbval-current-env book/ --ignore=book/_build \
+			--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider && \
+		step "book build" $(BOOK_BUILD) -W -n --keep-going ; \
+	} || rc=$$?; \
+	echo; echo "make test: $$( [ $$rc -eq 0 ] && echo PASSED || echo "FAILED (exit $$rc)" )," \
+		"wall $$(( $$(date +%s) - $(T0) )) s (including the install check)"; \
+	exit $$rc
+
+# ---------------------------------------------------------------------------------------------
+book: install
+	$(BOOK_BUILD)
+	@echo "HTML: book/_build/html/index.html"
+
+bench: install
+	$(PY) -m bench.run
+
+reproduce: install
+	$(PY) -m moewidgets reproduce chapter1
+
+# ---------------------------------------------------------------------------------------------
+clean:
+	rm -rf book/_build build .pytest_cache .cache *.egg-info bench/results/*.tmp
+	find . -path './$(VENV)' -prune -o -path ./.git -prune -o \
+		\( -name __pycache__ -o -name .ipynb_checkpoints -o -name .pytest_cache \) -type d -print0 \
+		| xargs -0 rm -rf
+
+distclean: clean
+	rm -rf $(VENV)

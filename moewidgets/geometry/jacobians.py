@@ -1,0 +1,281 @@
+"""Exact Jacobians of experts, of a whole MoE layer and of a dense FFN, in closed form (no autograd).
+
+Shape legend: N probe points, D model width (D_out = D_in = D for our square layers), F expert hidden width,
+E experts, K top-k.
+
+Formulas (paper-1 spec §1.4a, paper-2 spec §2.4a; chapter 1, ``book/chapter1.ipynb``):
+
+* GELU expert ``E(x) = W_out gelu(W_in x + b_in) + b_out``::
+
+      J(x) = W_out · diag(gelu'(h)) · W_in,   h = W_in x + b_in,   gelu'(h) = Φ(h) + h φ(h)
+
+  (exact erf GELU, ``torch.nn.functional.gelu``'s default; Φ, φ the standard normal cdf and pdf).
+* SwiGLU expert ``E(x) = W_out (silu(g) ⊙ u)``, ``g = W_gate x``, ``u = W_up x``::
+
+      J(x) = W_out · [diag(silu'(g) ⊙ u) · W_gate + diag(silu(g)) · W_up],   silu'(g) = σ(g)(1 + g(1 − σ(g)))
+
+* Whole layer ``f(x) = Σ_{i∈S(x)} g_i(x) E_i(x)`` with the top-k set S held fixed (the a.e. derivative, what
+  autograd through ``torch.topk`` gives)::
+
+      J_f(x) = Σ_{i∈S} g_i J_i(x) + Σ_{i∈S} E_i(x) ∇_x g_i(x)ᵀ
+
+  gate "softmax" (g_i = p_i, p = softmax(z/τ), z = W_r x + b_r):  ∇_x g_i = (p_i/τ) (w_i − Σ_{j≤E} p_j w_j)
+  gate "renorm"  (g_i = p_i / Σ_{j∈S} p_j):                        ∇_x g_i = (g_i/τ) (w_i − Σ_{j∈S} g_j w_j)
+
+  with w_j the router rows (``router.w_ED``).
+
+Everything reads the expert bank through its contract attributes (``moewidgets.nn.experts``), so it works for our
+banks, for the Hugging Face adapter's views and for :func:`~moewidgets.geometry.alignment.dense_pseudo_experts`.
+Computation happens in the promoted dtype of the inputs and the weights (never a downcast).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F_
+
+__all__ = ["expert_jacobians", "expert_outputs", "layer_jacobian", "dense_jacobian", "gelu_grad", "silu_grad",
+           "bank_activation"]
+
+_ACTIVATIONS = ("gelu", "swiglu")
+_AUTO_CHUNK_ELEMENTS = 1 << 25    # intermediate (E, n, D, F) elements per chunk when chunk=None
+
+
+def gelu_grad(h: torch.Tensor) -> torch.Tensor:
+    """Derivative of the exact (erf) GELU: ``gelu'(h) = Φ(h) + h φ(h)``.
+
+    >>> float(gelu_grad(torch.tensor(0.0)))
+    0.5
+    """
+    return torch.special.ndtr(h) + h * torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+
+
+def silu_grad(g: torch.Tensor) -> torch.Tensor:
+    """Derivative of SiLU: ``silu'(g) = σ(g) (1 + g (1 − σ(g)))``.
+
+    >>> float(silu_grad(torch.tensor(0.0)))
+    0.5
+    """
+    s = torch.sigmoid(g)
+    return s * (1.0 + g * (1.0 - s))
+
+
+def bank_activation(bank) -> str:
+    """The bank's ``activation`` ("gelu" | "swiglu"), or a ValueError that names what is allowed."""
+    act = getattr(bank, "activation", None)
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"experts.activation={act!r} must be one of {_ACTIVATIONS} "
+                         "(a bank with the contract attributes of moewidgets.nn.experts)")
+    return act
+
+
+def _weights(bank, names: Sequence[str]) -> list[torch.Tensor]:
+    out = []
+    for name in names:
+        w = getattr(bank, name, None)
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"experts.{name} is missing (got {type(w).__name__}); a {bank_activation(bank)!r} bank "
+                             f"must expose {', '.join(names)}")
+        out.append(w.detach())
+    return out
+
+
+def _bank_tensors(bank) -> tuple[str, list[torch.Tensor]]:
+    act = bank_activation(bank)
+    if act == "gelu":
+        return act, _weights(bank, ("w_in_EFD", "b_in_EF", "w_out_EDF", "b_out_ED"))
+    return act, _weights(bank, ("w_gate_EFD", "w_up_EFD", "w_out_EDF"))
+
+
+def _prepare(bank, X_ND: torch.Tensor, experts_idx) -> tuple[str, list[torch.Tensor], torch.Tensor]:
+    """Validated weights (subset, promoted dtype, on the bank's device) and X in that dtype."""
+    act, ws = _bank_tensors(bank)
+    if not isinstance(X_ND, torch.Tensor) or X_ND.dim() != 2:
+        shape = tuple(X_ND.shape) if isinstance(X_ND, torch.Tensor) else type(X_ND).__name__
+        raise ValueError(f"X_ND={shape} must be a 2-d tensor (N points, D={ws[0].shape[-1]})")
+    D = ws[0].shape[-1]
+    if X_ND.shape[1] != D:
+        raise ValueError(f"X_ND has width {X_ND.shape[1]}, but the experts take D={D} inputs")
+    if not X_ND.is_floating_point():
+        raise ValueError(f"X_ND.dtype={X_ND.dtype} must be a floating-point dtype")
+    E = ws[0].shape[0]
+    dtype = X_ND.dtype
+    for w in ws:
+        dtype = torch.promote_types(dtype, w.dtype)
+    if experts_idx is not None:
+        idx = torch.as_tensor(experts_idx, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= E):
+            raise ValueError(f"experts_idx={idx.tolist()} must hold expert indices in 0..{E - 1}")
+        ws = [w[idx.to(w.device)] for w in ws]
+    device = ws[0].device
+    ws = [w.to(dtype) for w in ws]
+    return act, ws, X_ND.detach().to(device=device, dtype=dtype)
+
+
+def _chunks(N: int, chunk: int | None, per_point: int) -> list[slice]:
+    if chunk is None:
+        chunk = max(1, _AUTO_CHUNK_ELEMENTS // max(1, per_point))
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be a positive integer (points per chunk) or None (automatic)")
+    return [slice(s, min(N, s + chunk)) for s in range(0, max(N, 1), chunk)] if N else [slice(0, 0)]
+
+
+def expert_jacobians(experts, X_ND: torch.Tensor, experts_idx: Sequence[int] | torch.Tensor | None = None,
+                     chunk: int | None = None) -> torch.Tensor:
+    """Ungated expert-local Jacobians ``J_e(x_n) = ∂E_e/∂x (x_n)`` in closed form, (E', N, D_out, D_in).
+
+    GELU: ``J = W_out diag(gelu'(W_in x + b_in)) W_in``; SwiGLU:
+    ``J = W_out [diag(silu'(g) ⊙ u) W_gate + diag(silu(g)) W_up]`` (module docstring). One batched matmul per
+    chunk of points, no autograd, no loop over tokens.
+
+    Args:
+        experts: an expert bank with the contract attributes (``moewidgets.nn.experts``).
+        X_ND: (N, D) probe points.
+        experts_idx: optional subset of experts (E' of them, in the given order); default all E.
+        chunk: points per chunk (bounds memory, ≈ E'·chunk·D·F intermediate elements); None = automatic.
+
+    >>> from moewidgets.nn.experts import GELUExperts
+    >>> bank = GELUExperts(4, 8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> X = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    >>> expert_jacobians(bank, X).shape, expert_jacobians(bank, X, experts_idx=[2]).shape
+    (torch.Size([4, 5, 8, 8]), torch.Size([1, 5, 8, 8]))
+
+    Chapter 1 (book/chapter1.ipynb).
+    """
+    act, ws, X = _prepare(experts, X_ND, experts_idx)
+    N, D = X.shape
+    w_out_EDF = ws[2]
+    E, D_out, F = w_out_EDF.shape
+    out = X.new_empty(E, N, D_out, D)
+    width = F if act == "gelu" else 2 * F
+    for sl in _chunks(N, chunk, E * D_out * width):
+        x = X[sl]
+        n = x.shape[0]
+        if act == "gelu":
+            w_in_EFD, b_in_EF = ws[0], ws[1]
+            h_EnF = torch.einsum("nd,efd->enf", x, w_in_EFD) + b_in_EF[:, None, :]
+            A_EnDF = w_out_EDF[:, None, :, :] * gelu_grad(h_EnF)[:, :, None, :]
+            J = torch.bmm(A_EnDF.reshape(E, n * D_out, F), w_in_EFD)
+        else:
+            w_gate_EFD, w_up_EFD = ws[0], ws[1]
+            g_EnF = torch.einsum("nd,efd->enf", x, w_gate_EFD)
+            u_EnF = torch.einsum("nd,efd->enf", x, w_up_EFD)
+            coef_En2F = torch.cat([silu_grad(g_EnF) * u_EnF, F_.silu(g_EnF)], dim=-1)      # (E, n, 2F)
+            A_EnD2F = torch.cat([w_out_EDF, w_out_EDF], dim=-1)[:, None] * coef_En2F[:, :, None, :]
+            J = torch.bmm(A_EnD2F.reshape(E, n * D_out, 2 * F), torch.cat([w_gate_EFD, w_up_EFD], dim=1))
+        out[:, sl] = J.reshape(E, n, D_out, D)
+    return out
+
+
+def expert_outputs(experts, X_ND: torch.Tensor, experts_idx: Sequence[int] | torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Every (selected) expert on every point, ungated: ``E_e(x_n)``, (E', N, D_out).
+
+    Reads only the contract attributes, so it works for bank views without methods.
+
+    >>> from moewidgets.nn.experts import SwiGLUExperts
+    >>> bank = SwiGLUExperts(3, 4, 6, generator=torch.Generator().manual_seed(0))
+    >>> X = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    >>> torch.allclose(expert_outputs(bank, X), bank.all_outputs(X).transpose(0, 1), atol=1e-6)
+    True
+
+    Chapter 1 (book/chapter1.ipynb).
+    """
+    act, ws, X = _prepare(experts, X_ND, experts_idx)
+    if act == "gelu":
+        w_in_EFD, b_in_EF, w_out_EDF, b_out_ED = ws
+        a_ENF = F_.gelu(torch.einsum("nd,efd->enf", X, w_in_EFD) + b_in_EF[:, None, :])
+        return torch.bmm(a_ENF, w_out_EDF.transpose(1, 2)) + b_out_ED[:, None, :]
+    w_gate_EFD, w_up_EFD, w_out_EDF = ws
+    g_ENF = torch.einsum("nd,efd->enf", X, w_gate_EFD)
+    u_ENF = torch.einsum("nd,efd->enf", X, w_up_EFD)
+    return torch.bmm(F_.silu(g_ENF) * u_ENF, w_out_EDF.transpose(1, 2))
+
+
+def dense_jacobian(dense_layer_or_bank, X_ND: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Jacobian of a dense FFN (a one-expert bank, or a layer holding one as ``.experts``), (N, D_out, D_in).
+
+    ``J_D(x) = V2 diag(φ'(V1 x + c1)) V1`` (paper-1 spec §1.4a): :func:`expert_jacobians` of the only expert.
+
+    >>> from moewidgets.nn.experts import GELUExperts
+    >>> dense = GELUExperts(1, 8, 32, generator=torch.Generator().manual_seed(0))
+    >>> dense_jacobian(dense, torch.zeros(3, 8)).shape
+    torch.Size([3, 8, 8])
+
+    Chapter 1 (book/chapter1.ipynb).
+    """
+    bank = dense_layer_or_bank
+    if not hasattr(bank, "activation") and hasattr(bank, "experts"):
+        bank = bank.experts
+    E = _bank_tensors(bank)[1][0].shape[0]
+    if E != 1:
+        raise ValueError(f"dense_jacobian needs a one-expert bank (a dense FFN), got n_experts={E}; "
+                         "use expert_jacobians for an MoE bank")
+    return expert_jacobians(bank, X_ND, chunk=chunk)[0]
+
+
+def layer_jacobian(layer, X_ND: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """The whole layer's Jacobian ``J_f(x_n)`` with the top-k selection held fixed, (N, D, D).
+
+    ``J_f = Σ_{i∈S} g_i J_i + Σ_{i∈S} E_i(x) ∇_x g_iᵀ`` with the gate gradients of the module docstring
+    ("softmax": ``∇g_i = (p_i/τ)(w_i − Σ_j p_j w_j)``, "renorm": ``∇g_i = (g_i/τ)(w_i − Σ_{j∈S} g_j w_j)``).
+    The selection S comes from ``layer.route`` (so the loss-free selection bias is honoured; it never enters a
+    gate value). A layer without a router (a :class:`~moewidgets.nn.layer.DenseFFN`) gives its dense Jacobian.
+
+    This is the one geometry function that takes a whole layer (it needs the router and the gate convention).
+
+    >>> from moewidgets import MoEConfig, MoELayer
+    >>> layer = MoELayer(MoEConfig(n_experts=4, k=2, d_model=8, d_hidden=16), torch.Generator().manual_seed(0))
+    >>> layer_jacobian(layer, torch.randn(5, 8, generator=torch.Generator().manual_seed(1))).shape
+    torch.Size([5, 8, 8])
+
+    Chapter 1 (book/chapter1.ipynb).
+    """
+    if not hasattr(layer, "route"):
+        return dense_jacobian(layer, X_ND, chunk=chunk)
+    router = layer.router
+    for name in ("w_ED", "temperature", "gate"):
+        if not hasattr(router, name):
+            raise NotImplementedError(
+                f"layer_jacobian needs a softmax router (with w_ED, temperature, gate); got "
+                f"{type(router).__name__} without {name!r}")
+    gate = router.gate
+    if gate not in ("softmax", "renorm"):
+        raise ValueError(f"router.gate={gate!r} must be 'softmax' or 'renorm'")
+    bank = layer.experts
+    _, _, X = _prepare(bank, X_ND, None)
+    w_ED = router.w_ED.detach().to(device=X.device, dtype=X.dtype)
+    tau = float(router.temperature)
+    with torch.no_grad():   # selection only (the layer's own dtype, its loss-free bias included)
+        idx_NK = layer.route(X.to(router.w_ED.dtype)).idx_TK.to(X.device)
+    # logits recomputed in the working dtype: z = X W_rᵀ + b_r
+    b_E = getattr(router, "b_E", None)
+    z_NE = X @ w_ED.T
+    if isinstance(b_E, torch.Tensor):
+        z_NE = z_NE + b_E.detach().to(device=X.device, dtype=X.dtype)
+    p_NE = torch.softmax(z_NE / tau, dim=-1)
+    p_NK = p_NE.gather(1, idx_NK)
+    if gate == "softmax":
+        g_NK = p_NK
+        wbar_ND = p_NE @ w_ED                                              # Σ_j p_j w_j over all experts
+        grad_NKD = (p_NK / tau)[..., None] * (w_ED[idx_NK] - wbar_ND[:, None, :])
+    else:
+        g_NK = p_NK / p_NK.sum(-1, keepdim=True)
+        w_NKD = w_ED[idx_NK]
+        wbar_ND = torch.einsum("nk,nkd->nd", g_NK, w_NKD)                  # Σ_{j∈S} g_j w_j
+        grad_NKD = (g_NK / tau)[..., None] * (w_NKD - wbar_ND[:, None, :])
+    N, K = idx_NK.shape
+    E = int(_bank_tensors(bank)[1][0].shape[0])
+    g_NE = X.new_zeros(N, E).scatter_add_(1, idx_NK, g_NK)
+    gradg_NED = X.new_zeros(N, E, X.shape[1]).index_put_(
+        (torch.arange(N, device=X.device)[:, None].expand(N, K), idx_NK), grad_NKD, accumulate=True)
+    out = X.new_zeros(N, X.shape[1], X.shape[1])
+    D_out = out.shape[1]
+    for sl in _chunks(N, chunk, E * D_out * 2 * X.shape[1]):
+        J_EnDD = expert_jacobians(bank, X[sl])
+        y_EnD = expert_outputs(bank, X[sl])
+        out[sl] = torch.einsum("ne,enab->nab", g_NE[sl], J_EnDD) + torch.einsum("ena,neb->nab", y_EnD,
+                                                                                 gradg_NED[sl])
+    return out

@@ -1,0 +1,249 @@
+"""Bokeh figure builders for the dashboards: plain data in, figure + ColumnDataSources out, no widget logic.
+
+Shape legend: E experts, J singular-value index (spectrum length), K principal components, S steps.
+
+Every builder returns a small dataclass holding the figure and its sources; the matching ``update_*`` function
+takes plain data (lists, numpy arrays or CPU tensors) and assigns **one new dict per source** (``source.data =
+{...}``), so a redraw is one message per source over the widget comm rather than one per column. The number of
+experts may change between calls (the E slider): per-expert lines are ``multi_line`` glyphs whose columns simply
+get a different length, and colours come from :func:`expert_palette`.
+
+    >>> view = build_spectra_view()
+    >>> update_spectra(view, [[1.0, 0.5, 0.1], [1.0, 0.2, 0.05]], dense_J=[1.0, 0.6, 0.3])
+    >>> len(view.experts.data["xs"]), view.dense.data["y"]
+    (2, [1.0, 0.6, 0.3])
+
+Chapter 1 (book/chapter1.ipynb) shows all of them in its live dashboard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from bokeh.models import ColorBar, ColumnDataSource, Div, HoverTool, LinearColorMapper, SingleIntervalTicker
+from bokeh.palettes import Category10_10, Category20_20, Viridis256, turbo
+from bokeh.plotting import figure
+
+__all__ = [
+    "expert_palette", "SpectraView", "build_spectra_view", "update_spectra", "BarsView", "build_bars_view",
+    "update_bars", "HeatmapView", "build_heatmap_view", "update_heatmap", "PCAView", "build_pca_view",
+    "update_pca", "LossView", "build_loss_view", "update_loss", "build_caption", "DENSE_STYLE",
+]
+
+FIG_W, FIG_H = 310, 250
+# The dense baseline is drawn the same way in every view: a thick dashed black reference.
+DENSE_STYLE = dict(line_color="black", line_width=3, line_dash="dashed", line_alpha=0.8)
+LOG_FLOOR = 1e-6   # values below this are clipped on log axes (a log axis cannot show 0)
+
+
+def expert_palette(n_experts: int) -> list[str]:
+    """``n_experts`` distinct colours: Category10 up to 10, Category20 up to 20, else sampled from Turbo."""
+    if n_experts <= 10:
+        return list(Category10_10[:n_experts])
+    if n_experts <= 20:
+        return list(Category20_20[:n_experts])
+    return list(turbo(n_experts))
+
+
+def _array(x) -> np.ndarray:
+    """Plain float64 numpy array from a list, numpy array or (CPU/GPU) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _figure(title: str, x_label: str, y_label: str, y_log: bool = False, **kw):
+    fig = figure(title=title, width=FIG_W, height=FIG_H, y_axis_type="log" if y_log else "linear",
+                 tools="pan,box_zoom,wheel_zoom,reset,save", toolbar_location="right", **kw)
+    fig.xaxis.axis_label, fig.yaxis.axis_label = x_label, y_label
+    fig.title.text_font_size = "11pt"
+    return fig
+
+
+def _legend(fig, location: str = "top_right") -> None:
+    fig.legend.location = location
+    fig.legend.label_text_font_size = "8pt"
+    fig.legend.background_fill_alpha = 0.6
+    fig.legend.click_policy = "hide"
+
+
+def _curves(rows: Sequence[Sequence[float]], x0: int, floor: float | None = None) -> dict:
+    """multi_line columns for one curve per expert: x = x0, x0+1, ... (curves may differ in length)."""
+    rows = [_array(r) for r in rows]
+    ys = [np.maximum(r, floor) if floor is not None else r for r in rows]
+    xs = [np.arange(x0, x0 + len(r), dtype=np.float64) for r in rows]
+    return dict(xs=xs, ys=ys, color=expert_palette(len(rows)), expert=list(range(len(rows))))
+
+
+def _line(y, x0: int, floor: float | None = None) -> dict:
+    if y is None:
+        return dict(x=[], y=[])
+    y = _array(y)
+    y = np.maximum(y, floor) if floor is not None else y
+    return dict(x=list(range(x0, x0 + len(y))), y=y.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class SpectraView:
+    """Per-expert normalised singular spectra σ_j/σ_1 (one line each) and the dense baseline's (dashed)."""
+
+    figure: object
+    experts: ColumnDataSource   # xs, ys, color, expert   (multi_line, one row per expert)
+    dense: ColumnDataSource     # x, y
+
+
+def build_spectra_view(title: str = "Expert Jacobian spectra") -> SpectraView:
+    """Mean normalised singular spectra of the expert Jacobians, log y (chapter 1)."""
+    fig = _figure(title, "singular value index j", "σ_j / σ_1 (mean over routed points)", y_log=True)
+    experts = ColumnDataSource(dict(xs=[], ys=[], color=[], expert=[]))
+    dense = ColumnDataSource(dict(x=[], y=[]))
+    r = fig.multi_line("xs", "ys", source=experts, line_color="color", line_width=1.5, legend_label="experts")
+    fig.line("x", "y", source=dense, legend_label="dense baseline", **DENSE_STYLE)
+    fig.add_tools(HoverTool(renderers=[r], tooltips=[("expert", "@expert")]))
+    _legend(fig, "bottom_left")
+    return SpectraView(fig, experts, dense)
+
+
+def update_spectra(view: SpectraView, ratios_EJ, dense_J=None) -> None:
+    """``ratios_EJ``: per expert the spectrum σ_j/σ_1, j = 1..J (rows may differ in length); ``dense_J``: the
+    dense baseline's, or None. Values are clipped at 1e-6 for the log axis."""
+    view.experts.data = _curves(ratios_EJ, 1, LOG_FLOOR)
+    view.dense.data = _line(dense_J, 1, LOG_FLOOR)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class BarsView:
+    """One bar per expert and a horizontal reference level (the dense baseline, or uniform load 1/E)."""
+
+    figure: object
+    bars: ColumnDataSource   # x (expert index), top, color
+    ref: ColumnDataSource    # x = [-0.5, E-0.5], y = [level, level]
+
+
+def build_bars_view(title: str, y_label: str, ref_label: str = "dense baseline") -> BarsView:
+    """Per-expert bars (σ_1, effective rank, load, ...) with a horizontal reference line labelled ``ref_label``."""
+    fig = _figure(title, "expert", y_label)
+    fig.xaxis.ticker = SingleIntervalTicker(interval=1)
+    fig.xgrid.grid_line_color = None
+    fig.y_range.start = 0
+    bars = ColumnDataSource(dict(x=[], top=[], color=[]))
+    ref = ColumnDataSource(dict(x=[], y=[]))
+    r = fig.vbar(x="x", top="top", width=0.8, color="color", source=bars)
+    fig.line("x", "y", source=ref, legend_label=ref_label, **DENSE_STYLE)
+    fig.add_tools(HoverTool(renderers=[r], tooltips=[("expert", "@x"), ("value", "@top{0.000}")]))
+    _legend(fig, "bottom_right")
+    return BarsView(fig, bars, ref)
+
+
+def update_bars(view: BarsView, values_E, ref: float | None = None) -> None:
+    """``values_E``: one value per expert; ``ref``: the reference level (None hides the line)."""
+    v_E = _array(values_E)
+    E = len(v_E)
+    view.bars.data = dict(x=list(range(E)), top=v_E.tolist(), color=expert_palette(E))
+    view.ref.data = dict(x=[-0.5, E - 0.5], y=[float(ref)] * 2) if ref is not None else dict(x=[], y=[])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class HeatmapView:
+    """An E×E matrix as coloured cells (cross-expert Jacobian alignment)."""
+
+    figure: object
+    cells: ColumnDataSource   # x (column expert), y (row expert), value
+
+
+def build_heatmap_view(title: str = "Jacobian alignment", value_label: str = "|Frobenius cosine|",
+                       low: float = 0.0, high: float = 1.0) -> HeatmapView:
+    """Cells coloured by value on a fixed [low, high] Viridis scale, so colours compare across redraws."""
+    fig = _figure(title, "expert j", "expert i")
+    fig.y_range.flipped = True           # row 0 at the top, like a printed matrix
+    for ax in (fig.xaxis, fig.yaxis):
+        ax.ticker = SingleIntervalTicker(interval=1)
+    fig.grid.grid_line_color = None
+    mapper = LinearColorMapper(palette=Viridis256, low=low, high=high)
+    cells = ColumnDataSource(dict(x=[], y=[], value=[]))
+    fig.rect("x", "y", 1, 1, source=cells, fill_color={"field": "value", "transform": mapper}, line_color=None)
+    fig.add_layout(ColorBar(color_mapper=mapper, width=8, title=value_label, title_text_font_size="8pt"), "right")
+    fig.add_tools(HoverTool(tooltips=[("experts", "@y, @x"), ("value", "@value{0.000}")]))
+    return HeatmapView(fig, cells)
+
+
+def update_heatmap(view: HeatmapView, matrix_EE, title: str | None = None) -> None:
+    """``matrix_EE``: the E×E values; ``title`` replaces the figure title (e.g. with the null and ceiling)."""
+    m_EE = _array(matrix_EE)
+    i_EE, j_EE = np.indices(m_EE.shape)
+    view.cells.data = dict(x=j_EE.ravel().tolist(), y=i_EE.ravel().tolist(), value=m_EE.ravel().tolist())
+    if title is not None:
+        view.figure.title.text = title
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PCAView:
+    """Cumulative explained variance of each expert's routed outputs (weighted PCA), and the dense baseline's."""
+
+    figure: object
+    experts: ColumnDataSource   # xs, ys, color, expert
+    dense: ColumnDataSource     # x, y
+
+
+def build_pca_view(title: str = "PCA of expert outputs") -> PCAView:
+    """Cumulative fraction of variance vs number of principal components (chapter 1, weighted PCA of H-out)."""
+    fig = _figure(title, "principal components kept", "cumulative fraction of variance")
+    fig.y_range.start, fig.y_range.end = 0, 1.02
+    experts = ColumnDataSource(dict(xs=[], ys=[], color=[], expert=[]))
+    dense = ColumnDataSource(dict(x=[], y=[]))
+    r = fig.multi_line("xs", "ys", source=experts, line_color="color", line_width=1.5, legend_label="experts")
+    fig.line("x", "y", source=dense, legend_label="dense baseline", **DENSE_STYLE)
+    fig.add_tools(HoverTool(renderers=[r], tooltips=[("expert", "@expert")]))
+    _legend(fig, "bottom_right")
+    return PCAView(fig, experts, dense)
+
+
+def _cumulative(eig_K) -> np.ndarray:
+    e_K = np.clip(_array(eig_K), 0.0, None)
+    total = e_K.sum()
+    return np.cumsum(e_K) / total if total > 0 else np.zeros_like(e_K)
+
+
+def update_pca(view: PCAView, eigvals_EK, dense_K=None) -> None:
+    """``eigvals_EK``: per expert the covariance eigenvalues (descending; plotted as cumulative fractions
+    Σ_{k'≤k} λ_k' / Σ λ); ``dense_K``: the dense baseline's eigenvalues, or None."""
+    view.experts.data = _curves([_cumulative(e) for e in eigvals_EK], 1)
+    view.dense.data = _line(None if dense_K is None else _cumulative(dense_K), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LossView:
+    """Training loss per step of the model and of its dense baseline."""
+
+    figure: object
+    model: ColumnDataSource   # step, loss
+    dense: ColumnDataSource   # step, loss
+
+
+def build_loss_view(title: str = "Training loss") -> LossView:
+    """Train MSE vs optimiser step, log y."""
+    fig = _figure(title, "step", "train MSE (per output)", y_log=True)
+    model = ColumnDataSource(dict(step=[], loss=[]))
+    dense = ColumnDataSource(dict(step=[], loss=[]))
+    fig.line("step", "loss", source=model, line_width=2, color=Category10_10[0], legend_label="model")
+    fig.line("step", "loss", source=dense, legend_label="dense baseline", **{**DENSE_STYLE, "line_width": 2})
+    _legend(fig, "top_right")
+    return LossView(fig, model, dense)
+
+
+def update_loss(view: LossView, steps_S, loss_S, dense_steps=None, dense_loss=None) -> None:
+    """Loss curves: the model's (``steps_S``, ``loss_S``) and optionally the dense baseline's."""
+    view.model.data = dict(step=list(steps_S), loss=np.maximum(_array(loss_S), LOG_FLOOR).tolist())
+    if dense_steps is not None:
+        view.dense.data = dict(step=list(dense_steps), loss=np.maximum(_array(dense_loss), LOG_FLOOR).tolist())
+
+
+def build_caption(text: str = "") -> Div:
+    """A bokeh Div for a caption inside the bokeh layout (its text is DOM text: easy to read and test)."""
+    return Div(text=text, width=3 * FIG_W, styles={"font-size": "10pt", "color": "#333"})
