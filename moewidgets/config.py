@@ -184,6 +184,7 @@ class TrainConfig(_JSONMixin):
     batch_size: int = 256       # tokens (points) per step
     lr: float = 3e-3            # Adam learning rate (live runs; claim runs use their own)
     weight_decay: float = 0.0   # AdamW-style decoupled weight decay
+    schedule: str = "constant"  # "constant" | "cosine" (decay to 0 over `steps`; claim runs use it to converge)
     device: str = "auto"        # "auto" (CUDA, then MPS, else CPU) | "cpu" | "cuda" | "cuda:N" | "mps"
 
     def __post_init__(self) -> None:
@@ -192,6 +193,7 @@ class TrainConfig(_JSONMixin):
         _check_int(c, "batch_size", self.batch_size, 1)
         _check_float(c, "lr", self.lr, positive=True)
         _check_float(c, "weight_decay", self.weight_decay, nonneg=True)
+        _check_choice(c, "schedule", self.schedule, ("constant", "cosine"))
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
         ):

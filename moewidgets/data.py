@@ -57,7 +57,10 @@ def make_task(cfg: TaskConfig = TaskConfig(), seed: int = 0) -> TaskData:
     g = torch.Generator().manual_seed(1_000_003 * seed + 17)
     C, D, O, H = cfg.n_clusters, cfg.d_in, cfg.d_out, cfg.teacher_width
     means_CD = cfg.cluster_scale * torch.randn(C, D, generator=g)
-    B_CHD = torch.randn(C, H, D, generator=g) / D ** 0.5
+    # teacher pre-activations of O(1): scale by the input's per-coordinate std √(s² + noise²), so the tanh
+    # teachers are smooth functions rather than saturated sign functions (ours; the spec leaves this open)
+    in_std = (cfg.cluster_scale ** 2 + cfg.noise ** 2) ** 0.5
+    B_CHD = torch.randn(C, H, D, generator=g) / (D ** 0.5 * max(in_std, 1e-12))
     beta_CH = 0.1 * torch.randn(C, H, generator=g)
     A_COH = torch.randn(C, O, H, generator=g) / H ** 0.5
     teachers = (B_CHD, beta_CH, A_COH)

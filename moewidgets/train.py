@@ -71,7 +71,8 @@ class Trainer:
     >>> from moewidgets import RunConfig, TaskConfig, TrainConfig
     >>> run = RunConfig(task=TaskConfig(n_train=512, n_probe=64), train=TrainConfig(steps=5, device="cpu"))
     >>> tr = Trainer.from_config(run)
-    >>> tr.step(5); len(tr.history), tr.done
+    >>> _ = tr.step(5)
+    >>> len(tr.history), tr.done
     (5, True)
     """
 
@@ -128,6 +129,10 @@ class Trainer:
                     raise NonFiniteLossError(self.steps_done + 1, loss_value)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.cfg.schedule == "cosine":   # lr_t = lr · ½(1 + cos(π t / steps))
+                    lr_t = 0.5 * self.cfg.lr * (1 + math.cos(math.pi * self.steps_done / self.cfg.steps))
+                    for group in opt.param_groups:
+                        group["lr"] = lr_t
                 opt.step()
                 self.steps_done += 1
                 hist.step.append(self.steps_done)

@@ -25,17 +25,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .jacobians import _bank_tensors, expert_outputs
+from .jacobians import _bank_tensors, expert_outputs, mean_expert_jacobians
+from .jacobians import expert_jacobians  # noqa: F401  (the docstring examples use it)
 
-__all__ = ["JacobianAlignment", "jacobian_alignment", "frobenius_cosine", "dense_pseudo_experts", "GELUBankView",
-           "SwiGLUBankView", "make_generator"]
+__all__ = ["JacobianAlignment", "jacobian_alignment", "bank_jacobian_alignment", "frobenius_cosine",
+           "dense_pseudo_experts", "GELUBankView", "SwiGLUBankView", "make_generator"]
 
 _EXPLICIT_NULL_ELEMENTS = 1 << 23   # above this many Gaussian draws, use the exact one-dimensional representation
 
 
 def make_generator(generator: torch.Generator | int | None, default_seed: int = 0) -> torch.Generator:
     """A ``torch.Generator``: the one given, one seeded with the given int, or one seeded with ``default_seed``
-    (never the global RNG)."""
+    (never the global RNG).
+
+    >>> torch.rand(2, generator=make_generator(3)).tolist() == torch.rand(2, generator=make_generator(3)).tolist()
+    True
+
+    Chapter 1 (book/chapter1.ipynb).
+    """
     if isinstance(generator, torch.Generator):
         return generator
     if generator is None:
@@ -99,13 +106,6 @@ class JacobianAlignment:
     n_null_pairs: int = field(default=200)
 
 
-def _weighted_mean_jacobians(J_ENDD: torch.Tensor, w_EN: torch.Tensor) -> torch.Tensor:
-    W_E = w_EN.sum(-1)
-    tot = torch.einsum("en,enab->eab", w_EN, J_ENDD)
-    out = tot / torch.where(W_E > 0, W_E, torch.ones_like(W_E))[:, None, None]
-    return torch.where((W_E > 0)[:, None, None], out, torch.full_like(out, math.nan))
-
-
 def _null_level(p: int, q: int, n_pairs: int, g: torch.Generator, dtype: torch.dtype) -> float:
     """Mean |cos_F| between independent Gaussian p×q matrices. Explicit pairs when small; otherwise the exact
     one-dimensional representation cos = z / √(z² + χ²_{pq−1}) (rotation invariance), drawn from a numpy
@@ -120,6 +120,64 @@ def _null_level(p: int, q: int, n_pairs: int, g: torch.Generator, dtype: torch.d
     return float(np.mean(np.abs(z / np.sqrt(z * z + rest))))
 
 
+def _check_common(weights_NE, min_points, n_null_pairs):
+    if not isinstance(weights_NE, torch.Tensor) or weights_NE.dim() != 2:
+        raise ValueError("weights_NE must be a 2-d tensor (N, E)")
+    if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 1:
+        raise ValueError(f"min_points={min_points!r} must be a positive integer")
+    if isinstance(n_null_pairs, bool) or not isinstance(n_null_pairs, int) or n_null_pairs < 1:
+        raise ValueError(f"n_null_pairs={n_null_pairs!r} must be a positive integer")
+
+
+def _alignment(means_fn, w_NE: torch.Tensor, shape: tuple[int, int], g: torch.Generator, min_points: int,
+               n_null_pairs: int) -> JacobianAlignment:
+    """Shared core: ``means_fn(weights_SNE) -> (S, E, p, q)`` gives weighted mean Jacobians for S weightings."""
+    if not torch.isfinite(w_NE).all() or (w_NE < 0).any():
+        raise ValueError("weights_NE must be finite and >= 0")
+    N, E = w_NE.shape
+    p, q = shape
+    device = w_NE.device
+    # split-half ceiling: random ranks of each expert's routed points; first half (a) vs the rest (b)
+    routed_NE = w_NE > 0
+    n_E = routed_NE.sum(0)
+    keys_NE = torch.rand(N, E, generator=g, dtype=torch.float64).to(device)
+    keys_NE = torch.where(routed_NE, keys_NE, torch.full_like(keys_NE, math.inf))
+    order_NE = torch.argsort(keys_NE, dim=0)
+    rank_NE = torch.empty_like(order_NE).scatter_(0, order_NE, torch.arange(N, device=device)[:, None].expand(N, E))
+    in_a = routed_NE & (rank_NE < (n_E // 2)[None, :])
+    in_b = routed_NE & ~in_a
+    Jbar_SEPQ = means_fn(torch.stack([w_NE, w_NE * in_a, w_NE * in_b]))
+    Jbar_EDD = Jbar_SEPQ[0]
+    dead_E = ~(w_NE.sum(0) > 0)
+
+    flat_EP = Jbar_EDD.reshape(E, -1)
+    norms_E = flat_EP.norm(dim=-1)
+    ok_E = norms_E > 0                                  # NaN norms (dead experts) compare False
+    unit_EP = torch.where(ok_E[:, None], flat_EP / torch.where(ok_E, norms_E, torch.ones_like(norms_E))[:, None],
+                          torch.zeros_like(flat_EP))
+    A_EE = unit_EP @ unit_EP.T
+    A_EE = torch.where(ok_E[:, None] & ok_E[None, :], A_EE, torch.full_like(A_EE, math.nan))
+    iu = torch.triu_indices(E, E, offset=1, device=device)
+    pairs = A_EE[iu[0], iu[1]]
+    pairs = pairs[~torch.isnan(pairs)]
+    if pairs.numel():
+        mean_abs, signed, mx = float(pairs.abs().mean()), float(pairs.mean()), float(pairs.abs().max())
+    else:
+        mean_abs = signed = mx = math.nan
+
+    ceil_E = frobenius_cosine(Jbar_SEPQ[1], Jbar_SEPQ[2])
+    eligible = n_E >= 2 * min_points
+    ceil_E = torch.where(eligible, ceil_E, torch.full_like(ceil_E, math.nan))
+    okc = ~torch.isnan(ceil_E)
+    ceiling = float(ceil_E[okc].mean()) if bool(okc.any()) else math.nan
+
+    null_level = _null_level(p, q, n_null_pairs, g, w_NE.dtype)
+    return JacobianAlignment(matrix=A_EE, mean_abs_offdiag=mean_abs, signed_mean=signed, max_abs=mx,
+                             null_sd=1.0 / math.sqrt(p * q), null_level=null_level, ceiling=ceiling,
+                             ceiling_per_expert=ceil_E, mean_jacobians=Jbar_EDD, dead=dead_E, n_routed=n_E,
+                             n_null_pairs=n_null_pairs)
+
+
 def jacobian_alignment(J_ENDD: torch.Tensor, weights_NE: torch.Tensor, *,
                        generator: torch.Generator | int | None = None, min_points: int = 8,
                        n_null_pairs: int = 200) -> JacobianAlignment:
@@ -128,7 +186,8 @@ def jacobian_alignment(J_ENDD: torch.Tensor, weights_NE: torch.Tensor, *,
     ``J̄_i = Σ_n w_ni J_i(x_n) / Σ_n w_ni``, ``A_ij = ⟨J̄_i, J̄_j⟩_F / (‖J̄_i‖ ‖J̄_j‖)``; ceiling: for each expert
     with ≥ 2·min_points routed points (w > 0), its routed points are split into two random halves and
     cos_F(J̄_i^(a), J̄_i^(b)) is taken; the ceiling averages it over those experts. ``generator`` (or an int
-    seed; None = seed 0) drives the split and the Gaussian null pairs.
+    seed; None = seed 0) drives the split and the Gaussian null pairs. See :func:`bank_jacobian_alignment` for
+    the same numbers straight from a bank, without per-point Jacobians.
 
     Args:
         J_ENDD: (E, N, D_out, D_in) expert Jacobians at the probe points.
@@ -142,71 +201,55 @@ def jacobian_alignment(J_ENDD: torch.Tensor, weights_NE: torch.Tensor, *,
 
     Chapter 1 (book/chapter1.ipynb).
     """
-    if not isinstance(weights_NE, torch.Tensor) or weights_NE.dim() != 2:
-        raise ValueError("weights_NE must be a 2-d tensor (N, E)")
+    _check_common(weights_NE, min_points, n_null_pairs)
     N, E = weights_NE.shape
     if not isinstance(J_ENDD, torch.Tensor) or J_ENDD.dim() != 4 or tuple(J_ENDD.shape[:2]) != (E, N):
         raise ValueError(f"J_ENDD must be (E={E}, N={N}, D_out, D_in) to match weights_NE (N, E); got "
                          f"{tuple(J_ENDD.shape) if isinstance(J_ENDD, torch.Tensor) else J_ENDD!r}")
-    if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 1:
-        raise ValueError(f"min_points={min_points!r} must be a positive integer")
-    if isinstance(n_null_pairs, bool) or not isinstance(n_null_pairs, int) or n_null_pairs < 1:
-        raise ValueError(f"n_null_pairs={n_null_pairs!r} must be a positive integer")
-    g = make_generator(generator)
     dtype = torch.promote_types(J_ENDD.dtype, weights_NE.dtype) if weights_NE.is_floating_point() \
         else J_ENDD.dtype
     J = J_ENDD.to(dtype)
-    w_EN = weights_NE.to(device=J.device, dtype=dtype).T
-    if not torch.isfinite(w_EN).all() or (w_EN < 0).any():
-        raise ValueError("weights_NE must be finite and >= 0")
-    p, q = J.shape[-2:]
+    w_NE = weights_NE.to(device=J.device, dtype=dtype)
 
-    Jbar_EDD = _weighted_mean_jacobians(J, w_EN)
-    dead_E = ~(w_EN.sum(-1) > 0)
-    flat_EP = Jbar_EDD.reshape(E, -1)
-    norms_E = flat_EP.norm(dim=-1)
-    unit_EP = flat_EP / torch.where(norms_E > 0, norms_E, torch.ones_like(norms_E))[:, None]
-    unit_EP = torch.where((norms_E > 0)[:, None], unit_EP, torch.full_like(unit_EP, math.nan))
-    A_EE = _nan_safe_gram(unit_EP)
-    iu = torch.triu_indices(E, E, offset=1, device=J.device)
-    pairs = A_EE[iu[0], iu[1]]
-    pairs = pairs[~torch.isnan(pairs)]
-    if pairs.numel():
-        mean_abs, signed, mx = float(pairs.abs().mean()), float(pairs.mean()), float(pairs.abs().max())
-    else:
-        mean_abs = signed = mx = math.nan
+    def means(w_SNE: torch.Tensor) -> torch.Tensor:
+        W_SE = w_SNE.sum(1)
+        tot = torch.einsum("sne,enab->seab", w_SNE, J)
+        out = tot / torch.where(W_SE > 0, W_SE, torch.ones_like(W_SE))[..., None, None]
+        return torch.where((W_SE > 0)[..., None, None], out, torch.full_like(out, math.nan))
 
-    # split-half ceiling: random ranks of each expert's routed points, first half vs second half
-    routed_EN = w_EN > 0
-    n_E = routed_EN.sum(-1)
-    keys_EN = torch.rand(E, N, generator=g, dtype=torch.float64).to(J.device)
-    keys_EN = torch.where(routed_EN, keys_EN, torch.full_like(keys_EN, math.inf))
-    order_EN = torch.argsort(keys_EN, dim=1)
-    rank_EN = torch.empty_like(order_EN).scatter_(1, order_EN, torch.arange(N, device=J.device).expand(E, N))
-    half_E = n_E // 2
-    in_a = routed_EN & (rank_EN < half_E[:, None])
-    in_b = routed_EN & ~in_a
-    Ja = _weighted_mean_jacobians(J, w_EN * in_a)
-    Jb = _weighted_mean_jacobians(J, w_EN * in_b)
-    ceil_E = frobenius_cosine(Ja, Jb)
-    eligible = n_E >= 2 * min_points
-    ceil_E = torch.where(eligible, ceil_E, torch.full_like(ceil_E, math.nan))
-    ok = eligible & ~torch.isnan(ceil_E)
-    ceiling = float(ceil_E[ok].mean()) if bool(ok.any()) else math.nan
-
-    null_level = _null_level(p, q, n_null_pairs, g, dtype)
-    return JacobianAlignment(matrix=A_EE, mean_abs_offdiag=mean_abs, signed_mean=signed, max_abs=mx,
-                             null_sd=1.0 / math.sqrt(p * q), null_level=null_level, ceiling=ceiling,
-                             ceiling_per_expert=ceil_E, mean_jacobians=Jbar_EDD, dead=dead_E, n_routed=n_E,
-                             n_null_pairs=n_null_pairs)
+    return _alignment(means, w_NE, tuple(J.shape[-2:]), make_generator(generator), min_points, n_null_pairs)
 
 
-def _nan_safe_gram(unit_EP: torch.Tensor) -> torch.Tensor:
-    """Gram matrix of unit rows where NaN rows (dead experts) give NaN rows and columns, the rest exact."""
-    bad = torch.isnan(unit_EP).any(-1)
-    clean = torch.where(bad[:, None], torch.zeros_like(unit_EP), unit_EP)
-    G = clean @ clean.T
-    return torch.where(bad[:, None] | bad[None, :], torch.full_like(G, math.nan), G)
+def bank_jacobian_alignment(experts, X_ND: torch.Tensor, weights_NE: torch.Tensor, *,
+                            generator: torch.Generator | int | None = None, min_points: int = 8,
+                            n_null_pairs: int = 200) -> JacobianAlignment:
+    """:func:`jacobian_alignment` computed from the bank and the points, never forming per-point Jacobians.
+
+    The mean Jacobians come in closed form (:func:`~.jacobians.mean_expert_jacobians`), so this costs
+    O(N·E·F + E·F·D²) and works at Mixtral sizes. Same numbers (and the same random split for the same
+    generator) as ``jacobian_alignment(expert_jacobians(experts, X_ND), weights_NE)``.
+
+    >>> from moewidgets.nn.experts import GELUExperts
+    >>> bank = GELUExperts(4, 8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> X = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    >>> w = torch.rand(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    >>> a = bank_jacobian_alignment(bank, X, w, generator=3)
+    >>> b = jacobian_alignment(expert_jacobians(bank, X), w, generator=3)
+    >>> torch.allclose(a.matrix, b.matrix), abs(a.ceiling - b.ceiling) < 1e-12
+    (True, True)
+
+    Chapter 1 (book/chapter1.ipynb).
+    """
+    _check_common(weights_NE, min_points, n_null_pairs)
+    _, ws = _bank_tensors(experts)
+    D_out, D_in = int(ws[2].shape[1]), int(ws[0].shape[2])
+    dtype = torch.promote_types(X_ND.dtype, ws[0].dtype)
+    if weights_NE.is_floating_point():
+        dtype = torch.promote_types(dtype, weights_NE.dtype)
+    w_NE = weights_NE.to(device=ws[0].device, dtype=dtype)
+    X = X_ND.to(dtype)
+    return _alignment(lambda w_SNE: mean_expert_jacobians(experts, X, w_SNE), w_NE, (D_out, D_in),
+                      make_generator(generator), min_points, n_null_pairs)
 
 
 class _BankViewMixin:

@@ -36,8 +36,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F_
 
-__all__ = ["expert_jacobians", "expert_outputs", "layer_jacobian", "dense_jacobian", "gelu_grad", "silu_grad",
-           "bank_activation"]
+__all__ = ["expert_jacobians", "pair_jacobians", "mean_expert_jacobians", "expert_outputs", "layer_jacobian",
+           "dense_jacobian", "gelu_grad", "silu_grad", "bank_activation"]
 
 _ACTIVATIONS = ("gelu", "swiglu")
 _AUTO_CHUNK_ELEMENTS = 1 << 25    # intermediate (E, n, D, F) elements per chunk when chunk=None
@@ -48,6 +48,8 @@ def gelu_grad(h: torch.Tensor) -> torch.Tensor:
 
     >>> float(gelu_grad(torch.tensor(0.0)))
     0.5
+
+    Chapter 1 (book/chapter1.ipynb).
     """
     return torch.special.ndtr(h) + h * torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
 
@@ -57,13 +59,22 @@ def silu_grad(g: torch.Tensor) -> torch.Tensor:
 
     >>> float(silu_grad(torch.tensor(0.0)))
     0.5
+
+    Chapter 1 (book/chapter1.ipynb).
     """
     s = torch.sigmoid(g)
     return s * (1.0 + g * (1.0 - s))
 
 
 def bank_activation(bank) -> str:
-    """The bank's ``activation`` ("gelu" | "swiglu"), or a ValueError that names what is allowed."""
+    """The bank's ``activation`` ("gelu" | "swiglu"), or a ValueError that names what is allowed.
+
+    >>> from moewidgets.nn.experts import SwiGLUExperts
+    >>> bank_activation(SwiGLUExperts(2, 4, 8))
+    'swiglu'
+
+    Chapter 1 (book/chapter1.ipynb).
+    """
     act = getattr(bank, "activation", None)
     if act not in _ACTIVATIONS:
         raise ValueError(f"experts.activation={act!r} must be one of {_ACTIVATIONS} "
@@ -169,6 +180,84 @@ def expert_jacobians(experts, X_ND: torch.Tensor, experts_idx: Sequence[int] | t
     return out
 
 
+def pair_jacobians(experts, X_ND: torch.Tensor, expert_P: torch.Tensor, point_P: torch.Tensor,
+                   chunk: int | None = None) -> torch.Tensor:
+    """Jacobians at chosen (expert, point) pairs only: ``J_{e_p}(x_{n_p})``, (P, D_out, D_in).
+
+    For top-k routing most (expert, point) pairs carry no weight; this computes only the routed ones (one
+    :func:`expert_jacobians` call per expert present, never a loop over tokens).
+
+    >>> from moewidgets.nn.experts import GELUExperts
+    >>> bank = GELUExperts(3, 4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> X = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    >>> e, n = torch.tensor([2, 0, 2]), torch.tensor([1, 4, 3])
+    >>> torch.allclose(pair_jacobians(bank, X, e, n), expert_jacobians(bank, X)[e, n])
+    True
+
+    Chapter 1 (book/chapter1.ipynb).
+    """
+    _, ws, X = _prepare(experts, X_ND, None)
+    E, D_out = ws[2].shape[:2]
+    expert_P = torch.as_tensor(expert_P, dtype=torch.long, device=X.device).reshape(-1)
+    point_P = torch.as_tensor(point_P, dtype=torch.long, device=X.device).reshape(-1)
+    if expert_P.shape != point_P.shape:
+        raise ValueError(f"expert_P {tuple(expert_P.shape)} and point_P {tuple(point_P.shape)} must have one length")
+    if expert_P.numel() and (int(expert_P.min()) < 0 or int(expert_P.max()) >= E):
+        raise ValueError(f"expert_P must hold expert indices in 0..{E - 1}")
+    if point_P.numel() and (int(point_P.min()) < 0 or int(point_P.max()) >= X.shape[0]):
+        raise ValueError(f"point_P must hold point indices in 0..{X.shape[0] - 1}")
+    out = X.new_empty(expert_P.shape[0], D_out, X.shape[1])
+    for e in torch.unique(expert_P).tolist():
+        sel = (expert_P == e).nonzero(as_tuple=True)[0]
+        out[sel] = expert_jacobians(experts, X[point_P[sel]], experts_idx=[e], chunk=chunk)[0]
+    return out
+
+
+def mean_expert_jacobians(experts, X_ND: torch.Tensor, weights_NE: torch.Tensor) -> torch.Tensor:
+    """Weighted mean Jacobians ``J̄_e = Σ_n w_ne J_e(x_n) / Σ_n w_ne`` without per-point Jacobians, (..., E, D, D).
+
+    The Jacobian is linear in its diagonal factor, so the mean is closed form:
+    GELU ``J̄_e = W_out diag(c̄) W_in`` with ``c̄ = Σ_n w_ne gelu'(h_ne) / Σ_n w_ne``; SwiGLU
+    ``J̄_e = W_out [diag(mean(silu'(g) ⊙ u)) W_gate + diag(mean(silu(g))) W_up]``. Cost O(N·E·F + E·F·D²), so
+    it scales to Mixtral-size experts. ``weights_NE`` may carry leading batch dims (..., N, E) (several weightings
+    at once, e.g. split halves). Experts with zero total weight give NaN.
+
+    >>> from moewidgets.nn.experts import SwiGLUExperts
+    >>> bank = SwiGLUExperts(3, 4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> X = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    >>> w = torch.rand(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    >>> slow = torch.einsum("ne,enab->eab", w, expert_jacobians(bank, X)) / w.sum(0)[:, None, None]
+    >>> torch.allclose(mean_expert_jacobians(bank, X, w), slow)
+    True
+
+    Chapter 1 (book/chapter1.ipynb).
+    """
+    act, ws, X = _prepare(experts, X_ND, None)
+    N = X.shape[0]
+    E = ws[2].shape[0]
+    if not isinstance(weights_NE, torch.Tensor) or weights_NE.dim() < 2 or tuple(weights_NE.shape[-2:]) != (N, E):
+        raise ValueError(f"weights_NE must be (..., N={N}, E={E}); got "
+                         f"{tuple(weights_NE.shape) if isinstance(weights_NE, torch.Tensor) else weights_NE!r}")
+    w = weights_NE.to(device=X.device, dtype=X.dtype)
+    W = w.sum(-2)                                                            # (..., E)
+    live = W > 0
+    Wsafe = torch.where(live, W, torch.ones_like(W))
+    if act == "gelu":
+        w_in_EFD, b_in_EF, w_out_EDF = ws[0], ws[1], ws[2]
+        d_ENF = gelu_grad(torch.einsum("nd,efd->enf", X, w_in_EFD) + b_in_EF[:, None, :])
+        c = torch.einsum("...ne,enf->...ef", w, d_ENF) / Wsafe[..., None]
+        J = torch.matmul(w_out_EDF * c[..., None, :], w_in_EFD)
+    else:
+        w_gate_EFD, w_up_EFD, w_out_EDF = ws
+        g_ENF = torch.einsum("nd,efd->enf", X, w_gate_EFD)
+        u_ENF = torch.einsum("nd,efd->enf", X, w_up_EFD)
+        a = torch.einsum("...ne,enf->...ef", w, silu_grad(g_ENF) * u_ENF) / Wsafe[..., None]
+        b = torch.einsum("...ne,enf->...ef", w, F_.silu(g_ENF)) / Wsafe[..., None]
+        J = torch.matmul(w_out_EDF * a[..., None, :], w_gate_EFD) + torch.matmul(w_out_EDF * b[..., None, :],
+                                                                                  w_up_EFD)
+    return torch.where(live[..., None, None], J, torch.full_like(J, math.nan))
+
+
 def expert_outputs(experts, X_ND: torch.Tensor, experts_idx: Sequence[int] | torch.Tensor | None = None
                    ) -> torch.Tensor:
     """Every (selected) expert on every point, ungated: ``E_e(x_n)``, (E', N, D_out).
@@ -267,15 +356,9 @@ def layer_jacobian(layer, X_ND: torch.Tensor, chunk: int | None = None) -> torch
         wbar_ND = torch.einsum("nk,nkd->nd", g_NK, w_NKD)                  # Σ_{j∈S} g_j w_j
         grad_NKD = (g_NK / tau)[..., None] * (w_NKD - wbar_ND[:, None, :])
     N, K = idx_NK.shape
-    E = int(_bank_tensors(bank)[1][0].shape[0])
-    g_NE = X.new_zeros(N, E).scatter_add_(1, idx_NK, g_NK)
-    gradg_NED = X.new_zeros(N, E, X.shape[1]).index_put_(
-        (torch.arange(N, device=X.device)[:, None].expand(N, K), idx_NK), grad_NKD, accumulate=True)
-    out = X.new_zeros(N, X.shape[1], X.shape[1])
-    D_out = out.shape[1]
-    for sl in _chunks(N, chunk, E * D_out * 2 * X.shape[1]):
-        J_EnDD = expert_jacobians(bank, X[sl])
-        y_EnD = expert_outputs(bank, X[sl])
-        out[sl] = torch.einsum("ne,enab->nab", g_NE[sl], J_EnDD) + torch.einsum("ena,neb->nab", y_EnD,
-                                                                                 gradg_NED[sl])
-    return out
+    e_P = idx_NK.reshape(-1)
+    n_P = torch.arange(N, device=X.device).repeat_interleave(K)
+    J_NKDD = pair_jacobians(bank, X, e_P, n_P, chunk=chunk)
+    J_NKDD = J_NKDD.reshape(N, K, *J_NKDD.shape[1:])
+    y_NKD = expert_outputs(bank, X)[e_P, n_P].reshape(N, K, -1)          # ungated E_i(x) of the selected
+    return torch.einsum("nk,nkab->nab", g_NK, J_NKDD) + torch.einsum("nka,nkb->nab", y_NKD, grad_NKD)

@@ -183,7 +183,8 @@ def effective_rank(values: torch.Tensor, kind: str, *, fraction: float = 0.9) ->
         ent = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
         out = torch.exp(ent.sum(-1))
     elif kind == "participation":
-        out = total * total / torch.where(zero, torch.ones_like(total), (lam * lam).sum(-1))
+        p = lam / safe[..., None]                    # normalise first: no under/overflow of λ² for tiny/huge λ
+        out = 1.0 / torch.where(zero, torch.ones_like(total), (p * p).sum(-1))
     else:
         R = lam.shape[-1]
         csum = torch.sort(lam, dim=-1, descending=True).values.cumsum(-1)

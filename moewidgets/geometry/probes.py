@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .alignment import JacobianAlignment, jacobian_alignment, make_generator
-from .jacobians import _bank_tensors, expert_jacobians, expert_outputs
+from .alignment import JacobianAlignment, bank_jacobian_alignment, make_generator
+from .jacobians import _bank_tensors, _prepare, expert_jacobians, expert_outputs, pair_jacobians
 from .pca import WeightedPCA, effective_rank, expert_pca
-from .spectra import WeightedSpectra, weighted_expert_spectra
+from .spectra import WeightedSpectra, singular_values, weighted_expert_spectra
 
 __all__ = ["Chapter1Probes", "chapter1_probes", "WEIGHTINGS"]
 
@@ -140,9 +140,15 @@ def chapter1_probes(bank, trace, *, weights: str = "gates", generator: torch.Gen
     X_ND = trace.x_TD
     w_NE = trace.gate_matrix() if weights == "gates" else trace.membership()
 
-    J_ENDD = expert_jacobians(bank, X_ND)
-    w_NE = w_NE.to(device=J_ENDD.device, dtype=J_ENDD.dtype)
-    spectra = weighted_expert_spectra(J_ENDD, w_NE)
+    _, _, X_ND = _prepare(bank, X_ND, None)        # working dtype: promoted, on the bank's device
+    w_NE = w_NE.to(device=X_ND.device, dtype=X_ND.dtype)
+    # Jacobians only where they carry weight, singular values in one batched call
+    e_P, n_P = (w_NE.T > 0).nonzero(as_tuple=True)
+    sv_PR = singular_values(pair_jacobians(bank, X_ND, e_P, n_P))
+    R = sv_PR.shape[-1] if sv_PR.numel() else min(int(ws[2].shape[1]), int(ws[0].shape[-1]))
+    sv_ENR = torch.full((E, X_ND.shape[0], R), math.nan, dtype=X_ND.dtype, device=X_ND.device)
+    sv_ENR[e_P, n_P] = sv_PR
+    spectra = weighted_expert_spectra(None, w_NE, sv_ENR=sv_ENR)
     dead = spectra.dead
 
     H_NED = expert_outputs(bank, X_ND).transpose(0, 1)
@@ -151,7 +157,7 @@ def chapter1_probes(bank, trace, *, weights: str = "gates", generator: torch.Gen
     par = effective_rank(pca.eigenvalues, "participation")
     thr = effective_rank(pca.eigenvalues, "threshold", fraction=fraction)
 
-    align = jacobian_alignment(J_ENDD, w_NE, generator=gen, min_points=min_points)
+    align = bank_jacobian_alignment(bank, X_ND, w_NE, generator=gen, min_points=min_points)
     live = ~dead
     ratios_R = spectra.ratios[live].mean(0) if bool(live.any()) else torch.full_like(spectra.ratios[0], math.nan)
 
@@ -167,4 +173,4 @@ def chapter1_probes(bank, trace, *, weights: str = "gates", generator: torch.Gen
         pca=pca, pca_entropy=ent, pca_participation=par, pca_threshold=thr,
         pca_entropy_mean=_live_mean(ent, dead), pca_participation_mean=_live_mean(par, dead),
         pca_threshold_mean=_live_mean(thr, dead), fraction=float(fraction), alignment=align,
-        jacobians=J_ENDD if keep_jacobians else None, wall_s=time.perf_counter() - t0)
+        jacobians=expert_jacobians(bank, X_ND) if keep_jacobians else None, wall_s=time.perf_counter() - t0)

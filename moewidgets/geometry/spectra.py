@@ -103,7 +103,7 @@ def spectrum_stats(sv: torch.Tensor, *, cutoff: float = 1e-6) -> SpectrumStats:
     zero = sigma1 == 0
     s1safe = torch.where(zero, torch.ones_like(sigma1), sigma1)
     ratios = torch.where(zero[..., None], torch.full_like(sv, math.nan), sv / s1safe[..., None])
-    stable = torch.where(zero, torch.zeros_like(sigma1), (sv * sv).sum(-1) / (s1safe * s1safe))
+    stable = torch.where(zero, torch.zeros_like(sigma1), (ratios * ratios).sum(-1))   # Σ(σ_j/σ_1)², no underflow
     alpha = _decay_alpha(ratios, sv, cutoff)
     er = effective_rank(sv, "entropy")
     pick = {j: (ratios[..., j - 1] if R >= j else None) for j in (2, 5, 10)}

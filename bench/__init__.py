@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``): side-by-side timings against the design's targets, never timed unit tests."""

@@ -1,0 +1,8 @@
+"""Live Jupyter dashboards: one per chapter, sharing :class:`~moewidgets.dashboards.runner.LiveRunner`.
+
+Importing this package imports ipywidgets and bokeh (``import moewidgets`` alone never does).
+"""
+from .chapter1 import Chapter1Dashboard
+from .runner import LiveRunner, RunState, RunTimings, describe_run
+
+__all__ = ["Chapter1Dashboard", "LiveRunner", "RunState", "RunTimings", "describe_run"]

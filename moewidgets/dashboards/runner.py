@@ -1,0 +1,354 @@
+"""The live training loop shared by the dashboards (TensorFlow Playground's loop, in Python).
+
+A slider change calls :meth:`LiveRunner.request`: it bumps a *generation counter* and at once says so on the status
+line; a debounce timer (``loop.call_later``, ~0.25 s) then starts ONE asyncio task on the kernel's running loop.
+The task trains a chunk of steps sized to ≈ 40 ms, redraws the cheap views (loss, load), yields to the loop with
+``await asyncio.sleep(0)`` (so the next slider message is handled), and stops at its next chunk boundary once the
+generation has moved on. A drag across a slider therefore ends in exactly one run, for the value where it stopped.
+
+The expensive probes (Jacobian spectra, PCA, alignment) run every ``probe_every`` steps and at the end, on a
+*snapshot* of the model in a worker thread, so the loop keeps handling widget messages and redrawing while they
+compute; their results are drawn back on the loop. Every widget or bokeh mutation happens on the loop.
+
+Each run may train a *reference* model in lockstep (chapter 1: the parameter-matched dense baseline). References
+are cached by their config, finished or not: a later run with the same reference resumes or reuses it.
+
+:meth:`LiveRunner.run_sync` does the same work synchronously (tests, nbval, scripts); :meth:`LiveRunner.wait`
+awaits whatever is queued or running. Chapter 1 (book/chapter1.ipynb).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from ..config import RunConfig
+from ..data import TaskData, make_task
+from ..train import NonFiniteLossError, Trainer
+
+__all__ = ["LiveRunner", "RunState", "RunTimings", "ProbeJob", "describe_run"]
+
+log = logging.getLogger(__name__)
+
+
+def describe_run(run: RunConfig) -> str:
+    """A short human description of a run: 'top-2 of 8 · τ=1 · α=0 · seed 0', 'dense (E·m=512) · seed 0'."""
+    m = run.model
+    parts = [m.label]
+    if m.arch == "moe":
+        parts += [f"τ={m.temperature:g}", f"α={m.aux_weight:g}"]
+    parts.append(f"seed {m.seed}")
+    return " · ".join(parts)
+
+
+@dataclass
+class RunTimings:
+    """What one run took: debounce fired → first redraw drawn, the redraw rate while training, the wall time."""
+
+    fire_to_first_redraw_s: float = math.nan
+    redraws: int = 0
+    redraws_per_s: float = math.nan
+    wall_s: float = math.nan
+    probe_s: list[float] = field(default_factory=list)   # each probe's compute time (worker thread)
+
+
+@dataclass
+class RunState:
+    """One run: its config, generation, trainer, reference trainer (or None) and how it is going."""
+
+    run: RunConfig
+    generation: int
+    trainer: Trainer
+    reference: Trainer | None
+    t_fire: float                  # perf_counter when the work started (the debounce fired)
+    phase: str = "training"        # "training" | "done" | "stopped" | "error"
+    error: str | None = None
+    timings: RunTimings = field(default_factory=RunTimings)
+    probes: Any = None             # the last probe result drawn (whatever the dashboard's probe returns)
+
+
+@dataclass
+class ProbeJob:
+    """A probe to compute off the loop: ``compute()`` must only touch snapshots (it may run in a worker thread);
+    ``final`` marks the end-of-run probe that the run waits for."""
+
+    state: RunState
+    compute: Callable[[], Any]
+    final: bool
+
+
+class LiveRunner:
+    """Debounced, cancellable, chunked training with redraw callbacks (see the module docstring).
+
+    Callbacks (all called on the loop's thread):
+        on_status(text):            the status line.
+        on_chunk(state):            redraw the cheap views (after every chunk, ≥ 5 per second).
+        make_probe(state) -> fn:    snapshot what the probes need; ``fn()`` computes them (maybe in a thread).
+        on_probes(state, result):   redraw the expensive views.
+        reference_of(run) -> RunConfig | None: the reference model to train alongside (None: none).
+
+    >>> import asyncio
+    >>> from moewidgets import RunConfig, TaskConfig, TrainConfig
+    >>> seen = []
+    >>> r = LiveRunner(on_status=seen.append, debounce_s=0.01)
+    >>> run = RunConfig(task=TaskConfig(n_train=256, n_probe=64), train=TrainConfig(steps=3, device="cpu"))
+    >>> async def drag():
+    ...     for _ in range(5):
+    ...         r.request(run)
+    ...     await r.wait()
+    >>> asyncio.run(drag()); r.runs_started, seen[-1].endswith("done")
+    (1, True)
+    """
+
+    def __init__(self, *, on_status: Callable[[str], None] = lambda text: None,
+                 on_chunk: Callable[[RunState], None] = lambda state: None,
+                 make_probe: Callable[[RunState], Callable[[], Any]] | None = None,
+                 on_probes: Callable[[RunState, Any], None] = lambda state, result: None,
+                 reference_of: Callable[[RunConfig], RunConfig | None] = lambda run: None,
+                 describe: Callable[[RunConfig], str] = describe_run,
+                 debounce_s: float = 0.25, chunk_s: float = 0.04, probe_every: int = 100):
+        self.on_status, self.on_chunk, self.make_probe, self.on_probes = on_status, on_chunk, make_probe, on_probes
+        self.reference_of, self.describe = reference_of, describe
+        self.debounce_s, self.chunk_s, self.probe_every = debounce_s, chunk_s, probe_every
+        self.generation = 0
+        self.state: RunState | None = None        # the latest run that started (its trainer, timings, probes)
+        self.runs_started = 0
+        self.runs_completed = 0
+        self.status = ""
+        self._pending: RunConfig | None = None    # requested, debounce not yet fired
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._data: OrderedDict[str, TaskData] = OrderedDict()        # (task, seed) → drawn task
+        self._references: OrderedDict[str, Trainer] = OrderedDict()  # reference config → its trainer
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def request(self, run: RunConfig, delay: float | None = None) -> None:
+        """Ask for a run of ``run``: supersede whatever runs or waits, say so now, start after the debounce
+        (``delay`` seconds, default ``debounce_s``).
+
+        Outside a running asyncio loop the request is only recorded (call :meth:`run_sync`)."""
+        self._supersede()
+        self._pending = run
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._set_status(f"queued: {self.describe(run)} (no running event loop: call run_sync())")
+            return
+        self._set_status(f"retraining with {self.describe(run)} … (queued)")
+        delay = self.debounce_s if delay is None else delay
+        self._timer = loop.call_later(delay, self._fire, self.generation)
+
+    def stop(self) -> None:
+        """Stop the current run at its next step boundary (and drop a queued one); its plots stay."""
+        st = self.state
+        was_running = self.busy
+        self._supersede()
+        self._pending = None
+        if st is not None and was_running:
+            st.phase = "stopped"
+            self._set_status(self.status_text(st))
+
+    def fail(self, message: str) -> None:
+        """Show an error (e.g. an invalid config) and stop: nothing is recomputed, the last plots stay."""
+        self._supersede()
+        self._pending = None
+        self._set_status(f"error: {message}")
+
+    @property
+    def busy(self) -> bool:
+        """True while a run is queued or training."""
+        return self._timer is not None or (self._task is not None and not self._task.done())
+
+    def _supersede(self) -> None:
+        # A new generation makes the running task return at its next chunk boundary; a queued start is dropped.
+        self.generation += 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self, generation: int) -> None:
+        self._timer = None
+        if generation != self.generation or self._pending is None:
+            return
+        run, self._pending = self._pending, None
+        previous = self._task
+        self._task = asyncio.get_running_loop().create_task(self._drive(run, generation, previous))
+
+    async def wait(self) -> RunState | None:
+        """Wait until nothing is queued or training (new requests meanwhile are waited for too)."""
+        while self.busy:
+            if self._timer is not None:
+                await asyncio.sleep(self.debounce_s / 4)
+            else:
+                await asyncio.wait({self._task})    # never raises the task's error, never cancels it
+        return self.state
+
+    def close(self) -> None:
+        """Stop, and shut the probe thread down."""
+        self.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # -- running -------------------------------------------------------------------------------------------------
+    def run_sync(self, run: RunConfig | None = None) -> RunState:
+        """Do a whole run now, synchronously (probes inline), superseding any async run. ``run=None``: the
+        pending request, else the last run's config."""
+        run = run or self._pending or (self.state.run if self.state else None)
+        if run is None:
+            raise ValueError("run_sync() needs a RunConfig: nothing was requested yet")
+        self._supersede()
+        self._pending = None
+        generation = self.generation
+        for item in self._work(run, generation):
+            if isinstance(item, ProbeJob):
+                self._apply_probe(item, item.compute)
+        return self.state
+
+    async def _drive(self, run: RunConfig, generation: int, previous: asyncio.Task | None) -> None:
+        """The asyncio task: iterate :meth:`_work`, yielding to the loop between chunks, probes in a thread."""
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})          # it returns at its next boundary: never two runs at once
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moewidgets-probe")
+        in_flight: tuple[asyncio.Future, ProbeJob] | None = None
+        try:
+            for item in self._work(run, generation):
+                if isinstance(item, ProbeJob):
+                    if item.final:                  # the end: draw the in-flight probe, then the final one
+                        if in_flight is not None:
+                            await asyncio.wait({in_flight[0]})
+                            self._apply_probe(in_flight[1], in_flight[0].result)
+                            in_flight = None
+                        fut = loop.run_in_executor(self._executor, item.compute)
+                        await asyncio.wait({fut})
+                        if generation == self.generation:
+                            self._apply_probe(item, fut.result)
+                    elif in_flight is None:         # at most one probe in flight; skip one that would queue
+                        in_flight = (loop.run_in_executor(self._executor, item.compute), item)
+                if in_flight is not None and in_flight[0].done():
+                    self._apply_probe(in_flight[1], in_flight[0].result)
+                    in_flight = None
+                await asyncio.sleep(0)              # let slider messages in
+                if generation != self.generation:
+                    return                          # superseded: stop at this step boundary
+        except Exception as exc:                    # a bug: say it on the status line, not as a traceback in a cell
+            log.exception("live run failed")
+            if generation == self.generation:
+                self._set_status(f"error: {type(exc).__name__}: {exc}")
+
+    def _apply_probe(self, job: ProbeJob, result: Callable[[], Any]) -> None:
+        """Draw a probe result (``result()`` returns it or raises) unless its run was superseded or failed."""
+        st = job.state
+        if st.generation != self.generation or st.phase == "error":
+            return
+        t0 = time.perf_counter()
+        try:
+            value = result()
+        except Exception as exc:
+            log.exception("probes failed")
+            self._set_status(f"error: probes failed at step {st.trainer.steps_done}: {exc} — last good plots kept")
+            return
+        st.timings.probe_s.append(getattr(value, "wall_s", time.perf_counter() - t0))
+        st.probes = value
+        self.on_probes(st, value)
+
+    def _work(self, run: RunConfig, generation: int) -> Iterator[ProbeJob | None]:
+        """One run as a generator: build, then per chunk train (model and reference in lockstep), redraw, yield.
+
+        Yields None at each chunk boundary and a :class:`ProbeJob` where probes are due (the caller computes
+        them). It never touches the loop itself, so :meth:`run_sync` and :meth:`_drive` share it."""
+        t_fire = time.perf_counter()
+        self.runs_started += 1
+        trainer = Trainer.from_config(run, data=self._task_data(run))
+        reference = self._reference(run)
+        st = RunState(run, generation, trainer, reference, t_fire)
+        self.state = st
+        chunk, next_probe = 2, self.probe_every      # a small first chunk: the first redraw comes quickly
+        while True:
+            t0 = time.perf_counter()
+            try:
+                trainer.step(chunk)
+                if reference is not None and reference is not trainer and not reference.done:
+                    reference.step(chunk)
+            except NonFiniteLossError as exc:
+                if reference is not None:
+                    self._references = OrderedDict((k, v) for k, v in self._references.items() if v is not reference)
+                st.phase, st.error = "error", str(exc)
+                self._set_status(self.status_text(st))
+                return
+            per_step = (time.perf_counter() - t0) / max(chunk, 1)
+            # steps per chunk so that a chunk takes ≈ chunk_s: redraws stay frequent whatever the model size
+            chunk = max(1, min(200, round(self.chunk_s / max(per_step, 1e-5))))
+            final = trainer.done and (reference is None or reference.done)
+            self.on_chunk(st)
+            tm = st.timings
+            tm.redraws += 1
+            elapsed = time.perf_counter() - t_fire
+            if tm.redraws == 1:
+                tm.fire_to_first_redraw_s = elapsed
+            tm.wall_s = elapsed
+            tm.redraws_per_s = tm.redraws / elapsed
+            if final and self.make_probe is not None:
+                st.phase = "probing"                 # "done" only once the final probes are drawn
+            self._set_status(self.status_text(st))
+            if self.make_probe is not None and (final or trainer.steps_done >= next_probe):
+                next_probe = (trainer.steps_done // self.probe_every + 1) * self.probe_every
+                yield ProbeJob(st, self.make_probe(st), final)
+            if final:
+                st.phase, st.timings.wall_s = "done", time.perf_counter() - t_fire
+                self.runs_completed += 1
+                self._set_status(self.status_text(st))
+                return
+            yield None
+
+    # -- caches --------------------------------------------------------------------------------------------------
+    def _task_data(self, run: RunConfig) -> TaskData:
+        """The drawn task for (task config, seed), cached: drawing 16k points costs more than a chunk."""
+        key = f"{run.task.to_json()}|{run.model.seed}"
+        if key not in self._data:
+            self._data[key] = make_task(run.task, run.model.seed)
+            while len(self._data) > 4:
+                self._data.popitem(last=False)
+        self._data.move_to_end(key)
+        return self._data[key]
+
+    def _reference(self, run: RunConfig) -> Trainer | None:
+        """The reference trainer for ``run`` (cached by its config, resumed where an earlier run left it)."""
+        ref_run = self.reference_of(run)
+        if ref_run is None:
+            return None
+        key = ref_run.to_json()
+        if key not in self._references:
+            self._references[key] = Trainer.from_config(ref_run, data=self._task_data(ref_run))
+            while len(self._references) > 8:
+                self._references.popitem(last=False)
+        self._references.move_to_end(key)
+        return self._references[key]
+
+    # -- status --------------------------------------------------------------------------------------------------
+    def status_text(self, st: RunState) -> str:
+        """'top-2 of 8 · τ=1 · α=0 · seed 0 — step 400/400 · loss 0.882 → 0.0312 · 0.84 s — done'."""
+        tr, desc = st.trainer, self.describe(st.run)
+        if st.phase == "error":
+            return f"error: {desc} — {st.error} — last good plots kept"
+        text = f"{desc} — step {tr.steps_done}/{tr.cfg.steps}"
+        loss = tr.history.loss
+        if loss:
+            text += f" · loss {loss[0]:.3g} → {loss[-1]:.3g}"
+        ref = st.reference
+        if ref is not None and ref is not tr and not ref.done:
+            text += f" · dense baseline {ref.steps_done}/{ref.cfg.steps}"
+        wall = st.timings.wall_s if math.isfinite(st.timings.wall_s) else 0.0
+        return f"{text} · {wall:.2f} s — {st.phase}"
+
+    def _set_status(self, text: str) -> None:
+        self.status = text
+        self.on_status(text)

@@ -1,0 +1,200 @@
+"""Chapter 1's dashboard in a real browser: JupyterLab + headless Debian Chromium driven by Playwright.
+
+Opens the chapter, runs all cells, waits for the dashboard's first run to finish, moves the experts slider one
+step with the keyboard (E 8 → 7) and checks that the status line acknowledges at once, that the new run trains to
+its last step with a falling loss, and that the geometry views redrew for E=7. Measures keypress → status-line
+latency in the page (a keydown listener and a MutationObserver, both installed before the keypress), and reads the
+kernel-side timings (debounce fired → first redraw, redraws per second) from the status line's data attributes.
+
+Writes build/browser/chapter1.png (the dashboard) and build/browser/latency.json. Fails (never skips) without
+/usr/bin/chromium. ``MOEWIDGETS_BROWSER_NOTEBOOK`` (a path relative to the repository root) overrides the notebook.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+OUT = ROOT / "build" / "browser"
+NOTEBOOK = os.environ.get("MOEWIDGETS_BROWSER_NOTEBOOK", "book/chapter1.ipynb")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STATUS = ".jp-OutputArea-output .moewidgets-status"
+RUN_TIMEOUT_MS = 180_000     # a whole run on a loaded 2-core machine (≈ 1–3 s when idle)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hide_news_toast() -> None:
+    """JupyterLab's 'fetch news?' toast covers the notebook: switch it off in the environment's settings."""
+    settings = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    if not settings.exists():
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps({"@jupyterlab/apputils-extension:notification":
+                                        {"fetchNews": "false", "checkForUpdates": False}}))
+
+
+def start_lab(port: int, token: str, log_path: Path) -> subprocess.Popen:
+    """JupyterLab on 127.0.0.1, started directly (its PID is the process we stop), rooted at the repository."""
+    cmd = [str(Path(sys.prefix) / "bin" / "jupyter"), "lab", "--no-browser", "--ip", "127.0.0.1",
+           "--port", str(port), f"--ServerApp.token={token}", f"--ServerApp.root_dir={ROOT}",
+           "--ServerApp.port_retries=0"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_lab(proc: subprocess.Popen, port: int, token: str, timeout_s: float = 90) -> None:
+    url = f"http://127.0.0.1:{port}/api/status?token={token}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"JupyterLab exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"JupyterLab did not answer on port {port} within {timeout_s} s")
+
+
+# Installed in the page before the keypress: the time of the keydown and of the first status-line text that
+# acknowledges E=7, plus every later status text with its time (to measure the redraw rate the user sees).
+OBSERVE_JS = """([selector, needle]) => {
+  const target = document.querySelector(selector).parentElement;   // the HTML widget's content element
+  const lat = window.__moeLatency = {keydown: null, ack: null, ackText: null, texts: []};
+  document.addEventListener('keydown', () => { if (lat.keydown === null) lat.keydown = performance.now(); }, true);
+  new MutationObserver(() => {
+    const el = target.querySelector('.moewidgets-status');
+    const text = el ? el.textContent : '';
+    const now = performance.now();
+    if (lat.texts.length === 0 || lat.texts[lat.texts.length - 1][1] !== text) lat.texts.push([now, text]);
+    if (lat.ack === null && lat.keydown !== null && text.includes(needle)) { lat.ack = now; lat.ackText = text; }
+  }).observe(target, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def drive(page, base_url: str) -> dict:
+    """Open the notebook, run all cells, move E 8 → 7 with the keyboard, check the new run; return measurements."""
+    page.goto(f"{base_url}/lab/tree/{NOTEBOOK}?reset")
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=60_000)
+    # Run All before the session has its kernel opens a "Select Kernel" dialog: wait for "Idle" first.
+    page.get_by_text(re.compile(r"\| Idle$")).first.wait_for(timeout=60_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu .lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+    page.wait_for_timeout(1000)
+    if page.locator(".jp-Dialog .jp-mod-accept").count():   # "Select Kernel" (seen once on a loaded machine)
+        page.locator(".jp-Dialog .jp-mod-accept").first.click()
+
+    status = page.locator(STATUS).first
+    status.wait_for(timeout=RUN_TIMEOUT_MS)
+    page.wait_for_function(f"() => document.querySelector('{STATUS}')?.textContent.includes('— done')",
+                           timeout=RUN_TIMEOUT_MS)
+    # A widget message is handled only when the kernel is idle: wait until every cell has run.
+    page.wait_for_function("""() => {
+        const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+        return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+    }""", timeout=RUN_TIMEOUT_MS)
+    first_status = status.text_content()
+    assert "of 8" in first_status and "400/400" in first_status, first_status
+
+    slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="experts E")).first
+    slider.locator(".noUi-handle").first.focus()
+    page.evaluate(OBSERVE_JS, [STATUS, "of 7"])
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function("() => window.__moeLatency.ack !== null", timeout=30_000)
+    lat = page.evaluate("window.__moeLatency")
+    assert "retraining with top-2 of 7" in lat["ackText"], lat["ackText"]
+
+    page.wait_for_function(
+        f"""() => {{ const t = document.querySelector('{STATUS}')?.textContent || '';
+                    return t.includes('of 7') && t.includes('400/400') && t.includes('— done'); }}""",
+        timeout=RUN_TIMEOUT_MS)
+    final = status.text_content()
+    loss0, loss1 = map(float, re.search(r"loss (\S+) → (\S+)", final).groups())
+    assert loss1 < loss0, final
+    # The geometry views redrew for E=7: a bokeh Div inside the BokehModel (Playwright pierces its shadow DOM).
+    caption = page.get_by_text(re.compile(r"Geometry of top-2 of 7 \(E=7\)")).first
+    caption.wait_for(timeout=30_000)
+    assert "step 400/400" in caption.text_content()
+
+    texts = page.evaluate("window.__moeLatency.texts")   # [time, text]: queued, one per chunk, done
+    chunks = [t for t, text in texts if re.search(r"step \d+/400", text) and "of 7" in text]
+    page_rate = (len(chunks) - 1) / ((chunks[-1] - chunks[0]) / 1e3) if len(chunks) > 1 else None
+    output = page.locator(".jp-OutputArea-output", has=page.locator(".moewidgets-status")).first
+    output.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)          # let bokeh paint the last redraw
+    output.screenshot(path=str(OUT / "chapter1.png"))
+    return {
+        "keypress_to_status_ms": round(lat["ack"] - lat["keydown"], 1),
+        "debounce_to_first_redraw_ms_kernel": float(status.get_attribute("data-first-redraw-ms")),
+        "redraws_per_s_kernel": float(status.get_attribute("data-redraws-per-s")),
+        "status_updates_per_s_in_page": None if page_rate is None else round(page_rate, 1),
+        "status_updates_seen": len(chunks),
+        "final_status": final,
+    }
+
+
+def test_chapter1_dashboard_in_jupyterlab():
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (the test needs it)"
+    from playwright.sync_api import sync_playwright
+
+    nb_path = ROOT / NOTEBOOK
+    assert nb_path.exists() and "Chapter1Dashboard" in nb_path.read_text(), \
+        f"{NOTEBOOK} must display a Chapter1Dashboard (set MOEWIDGETS_BROWSER_NOTEBOOK to try another notebook)"
+    OUT.mkdir(parents=True, exist_ok=True)
+    hide_news_toast()
+    port, token = free_port(), secrets.token_hex(16)
+    t_start = time.monotonic()
+    lab = start_lab(port, token, OUT / "jupyterlab.log")
+    profile = tempfile.mkdtemp(prefix="moewidgets-chromium-")
+    errors: list[str] = []
+    try:
+        wait_for_lab(lab, port, token)
+        with sync_playwright() as pw:
+            ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                        args=LAUNCH_ARGS, viewport={"width": 1400, "height": 1000})
+            page = ctx.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            # the token goes in a cookie-setting first request, then every URL works without it
+            page.goto(f"http://127.0.0.1:{port}/lab?token={token}")
+            try:
+                result = drive(page, f"http://127.0.0.1:{port}")
+            except BaseException:
+                page.screenshot(path=str(OUT / "failure.png"))
+                raise
+            finally:
+                ctx.close()
+        result.update(console_errors=errors, test_wall_s=round(time.monotonic() - t_start, 1))
+        (OUT / "latency.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        print(json.dumps(result, indent=1, ensure_ascii=False))
+        assert not errors, errors
+    finally:
+        lab.terminate()
+        try:
+            lab.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            lab.kill()
+        shutil.rmtree(profile, ignore_errors=True)

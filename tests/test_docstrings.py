@@ -1,0 +1,19 @@
+"""Every runnable example in a public docstring runs and prints what it says (doctest)."""
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["moewidgets.config", "moewidgets.nn.experts", "moewidgets.nn.routers", "moewidgets.nn.layer",
+           "moewidgets.models", "moewidgets.balance", "moewidgets.data", "moewidgets.train", "moewidgets.trace",
+           "moewidgets.sweep", "moewidgets.reproduce", "moewidgets.geometry.jacobians", "moewidgets.geometry.spectra",
+           "moewidgets.geometry.pca", "moewidgets.geometry.alignment", "moewidgets.geometry.probes"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"

@@ -1,0 +1,33 @@
+"""Execute a book notebook in place and keep only what should be committed.
+
+    .venv/bin/python tools/execute_notebook.py book/chapter1.ipynb
+
+Keeps text outputs (what nbval compares) and widget-view references; drops BokehJS, javascript and HTML blobs
+that carry per-run ids, the saved widget state (it embeds the whole bokeh document) and execution timings.
+"""
+import sys
+import time
+
+import nbformat
+from nbclient import NotebookClient
+
+DROP_MIME = ("application/javascript", "application/vnd.bokehjs_load.v0+json", "application/vnd.bokehjs_exec.v0+json")
+
+for path in sys.argv[1:]:
+    nb = nbformat.read(path, as_version=4)
+    t0 = time.perf_counter()
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": "book"}}).execute()
+    wall = time.perf_counter() - t0
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        for out in cell.get("outputs", []):
+            data = out.get("data")
+            if data:
+                for mime in DROP_MIME:
+                    data.pop(mime, None)
+                if "text/html" in data and "bokeh" in data["text/html"].lower():
+                    data.pop("text/html")
+            out.get("metadata", {}).clear() if isinstance(out.get("metadata"), dict) else None
+    nbformat.write(nb, path)
+    print(f"{path}: executed in {wall:.1f} s")
