@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from bokeh.models import ColorBar, ColumnDataSource, Div, HoverTool, LinearColorMapper, SingleIntervalTicker
+from bokeh.models import (ColorBar, ColumnDataSource, Div, HoverTool, Legend, LinearColorMapper,
+                          SingleIntervalTicker)
 from bokeh.palettes import Category10_10, Category20_20, Viridis256, turbo
 from bokeh.plotting import figure
 
@@ -132,9 +133,11 @@ def build_bars_view(title: str, y_label: str, ref_label: str = "dense baseline")
     bars = ColumnDataSource(dict(x=[], top=[], color=[]))
     ref = ColumnDataSource(dict(x=[], y=[]))
     r = fig.vbar(x="x", top="top", width=0.8, color="color", source=bars)
-    fig.line("x", "y", source=ref, legend_label=ref_label, **DENSE_STYLE)
+    line = fig.line("x", "y", source=ref, **DENSE_STYLE)
+    # the legend goes above the frame: inside it would hide the tallest bars
+    fig.add_layout(Legend(items=[(ref_label, [line])], location="top_right", orientation="horizontal",
+                          label_text_font_size="8pt", border_line_alpha=0, padding=0, margin=2), "above")
     fig.add_tools(HoverTool(renderers=[r], tooltips=[("expert", "@x"), ("value", "@top{0.000}")]))
-    _legend(fig, "bottom_right")
     return BarsView(fig, bars, ref)
 
 

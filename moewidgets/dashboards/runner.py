@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
+
+import torch
 
 from ..config import RunConfig
 from ..data import TaskData, make_task
@@ -92,6 +95,9 @@ class LiveRunner:
         on_probes(state, result):   redraw the expensive views.
         reference_of(run) -> RunConfig | None: the reference model to train alongside (None: none).
 
+    Knobs: ``debounce_s`` (request → start), ``chunk_s`` (target seconds per chunk), ``probe_every`` (steps between
+    probes), ``threads`` (torch intra-op threads while training, default 1; None leaves the setting alone).
+
     >>> import asyncio
     >>> from moewidgets import RunConfig, TaskConfig, TrainConfig
     >>> seen = []
@@ -111,10 +117,12 @@ class LiveRunner:
                  on_probes: Callable[[RunState, Any], None] = lambda state, result: None,
                  reference_of: Callable[[RunConfig], RunConfig | None] = lambda run: None,
                  describe: Callable[[RunConfig], str] = describe_run,
-                 debounce_s: float = 0.25, chunk_s: float = 0.04, probe_every: int = 100):
+                 debounce_s: float = 0.25, chunk_s: float = 0.04, probe_every: int = 100,
+                 threads: int | None = 1):
         self.on_status, self.on_chunk, self.make_probe, self.on_probes = on_status, on_chunk, make_probe, on_probes
         self.reference_of, self.describe = reference_of, describe
         self.debounce_s, self.chunk_s, self.probe_every = debounce_s, chunk_s, probe_every
+        self.threads = threads                    # torch threads while training (None: leave as is)
         self.generation = 0
         self.state: RunState | None = None        # the latest run that started (its trainer, timings, probes)
         self.runs_started = 0
@@ -208,7 +216,8 @@ class LiveRunner:
         generation = self.generation
         for item in self._work(run, generation):
             if isinstance(item, ProbeJob):
-                self._apply_probe(item, item.compute)
+                with self._thread_limit():
+                    self._apply_probe(item, item.compute)
         return self.state
 
     async def _drive(self, run: RunConfig, generation: int, previous: asyncio.Task | None) -> None:
@@ -264,50 +273,71 @@ class LiveRunner:
         """One run as a generator: build, then per chunk train (model and reference in lockstep), redraw, yield.
 
         Yields None at each chunk boundary and a :class:`ProbeJob` where probes are due (the caller computes
-        them). It never touches the loop itself, so :meth:`run_sync` and :meth:`_drive` share it."""
+        them). It never touches the loop itself, so :meth:`run_sync` and :meth:`_drive` share it. Each segment
+        between two yields runs under :meth:`_thread_limit`, never across a yield (user code may run there)."""
         t_fire = time.perf_counter()
         self.runs_started += 1
-        trainer = Trainer.from_config(run, data=self._task_data(run))
-        reference = self._reference(run)
+        with self._thread_limit():
+            trainer = Trainer.from_config(run, data=self._task_data(run))
+            reference = self._reference(run)
         st = RunState(run, generation, trainer, reference, t_fire)
         self.state = st
         chunk, next_probe = 2, self.probe_every      # a small first chunk: the first redraw comes quickly
         while True:
-            t0 = time.perf_counter()
-            try:
-                trainer.step(chunk)
-                if reference is not None and reference is not trainer and not reference.done:
-                    reference.step(chunk)
-            except NonFiniteLossError as exc:
-                if reference is not None:
-                    self._references = OrderedDict((k, v) for k, v in self._references.items() if v is not reference)
-                st.phase, st.error = "error", str(exc)
+            with self._thread_limit():
+                t0 = time.perf_counter()
+                try:
+                    trainer.step(chunk)
+                    if reference is not None and not reference.done:
+                        reference.step(chunk)
+                except NonFiniteLossError as exc:
+                    if reference is not None:    # drop a broken reference from the cache
+                        self._references = OrderedDict(
+                            (k, v) for k, v in self._references.items() if v is not reference)
+                    st.phase, st.error = "error", str(exc)
+                    self._set_status(self.status_text(st))
+                    return
+                per_step = (time.perf_counter() - t0) / max(chunk, 1)
+                # steps per chunk so that a chunk takes ≈ chunk_s: redraws stay frequent whatever the model size
+                chunk = max(1, min(200, round(self.chunk_s / max(per_step, 1e-5))))
+                final = trainer.done and (reference is None or reference.done)
+                self.on_chunk(st)
+                tm = st.timings
+                tm.redraws += 1
+                tm.wall_s = time.perf_counter() - t_fire
+                if tm.redraws == 1:
+                    tm.fire_to_first_redraw_s = tm.wall_s
+                tm.redraws_per_s = tm.redraws / tm.wall_s
+                job = None
+                if self.make_probe is not None and (final or trainer.steps_done >= next_probe):
+                    next_probe = (trainer.steps_done // self.probe_every + 1) * self.probe_every
+                    job = ProbeJob(st, self.make_probe(st), final)
+                    if final:
+                        st.phase = "probing"         # "done" only once the final probes are drawn
                 self._set_status(self.status_text(st))
-                return
-            per_step = (time.perf_counter() - t0) / max(chunk, 1)
-            # steps per chunk so that a chunk takes ≈ chunk_s: redraws stay frequent whatever the model size
-            chunk = max(1, min(200, round(self.chunk_s / max(per_step, 1e-5))))
-            final = trainer.done and (reference is None or reference.done)
-            self.on_chunk(st)
-            tm = st.timings
-            tm.redraws += 1
-            elapsed = time.perf_counter() - t_fire
-            if tm.redraws == 1:
-                tm.fire_to_first_redraw_s = elapsed
-            tm.wall_s = elapsed
-            tm.redraws_per_s = tm.redraws / elapsed
-            if final and self.make_probe is not None:
-                st.phase = "probing"                 # "done" only once the final probes are drawn
-            self._set_status(self.status_text(st))
-            if self.make_probe is not None and (final or trainer.steps_done >= next_probe):
-                next_probe = (trainer.steps_done // self.probe_every + 1) * self.probe_every
-                yield ProbeJob(st, self.make_probe(st), final)
+            yield job
             if final:
                 st.phase, st.timings.wall_s = "done", time.perf_counter() - t_fire
                 self.runs_completed += 1
                 self._set_status(self.status_text(st))
                 return
-            yield None
+
+    @contextlib.contextmanager
+    def _thread_limit(self):
+        """Train with ``threads`` torch intra-op threads, restoring the caller's setting afterwards.
+
+        Why: widget-size steps gain nothing from more threads, and on a busy 2-core machine two OpenMP threads
+        spin-wait on each other (measured: a chapter-1 run took 30 s with 2 threads, 1.8 s with 1). One thread also
+        makes a live run's numbers independent of the user's thread setting."""
+        if self.threads is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     # -- caches --------------------------------------------------------------------------------------------------
     def _task_data(self, run: RunConfig) -> TaskData:

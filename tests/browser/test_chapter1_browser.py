@@ -135,9 +135,7 @@ def drive(page, base_url: str) -> dict:
     loss0, loss1 = map(float, re.search(r"loss (\S+) → (\S+)", final).groups())
     assert loss1 < loss0, final
     # The geometry views redrew for E=7: a bokeh Div inside the BokehModel (Playwright pierces its shadow DOM).
-    caption = page.get_by_text(re.compile(r"Geometry of top-2 of 7 \(E=7\)")).first
-    caption.wait_for(timeout=30_000)
-    assert "step 400/400" in caption.text_content()
+    page.get_by_text(re.compile(r"Geometry of top-2 of 7 \(E=7\) at step 400/400")).first.wait_for(timeout=30_000)
 
     texts = page.evaluate("window.__moeLatency.texts")   # [time, text]: queued, one per chunk, done
     chunks = [t for t, text in texts if re.search(r"step \d+/400", text) and "of 7" in text]
@@ -174,7 +172,7 @@ def test_chapter1_dashboard_in_jupyterlab():
         wait_for_lab(lab, port, token)
         with sync_playwright() as pw:
             ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                        args=LAUNCH_ARGS, viewport={"width": 1400, "height": 1000})
+                                                        args=LAUNCH_ARGS, viewport={"width": 1400, "height": 1800})
             page = ctx.new_page()
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
