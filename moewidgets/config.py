@@ -103,7 +103,7 @@ class MoEConfig(_JSONMixin):
     d_model: int = 32           # D, layer input and output width
     d_hidden: int = 64          # F = m, hidden width of one expert
     expert: str = "gelu"        # "gelu" (W2 φ(W1 x + b1) + b2, paper 1) | "swiglu" (W_out (silu(W_g x) ⊙ W_up x))
-    router: str = "softmax"     # "softmax" | "kmeans" | "mpi" (the last two arrive with chapters 3 and 4)
+    router: str = "softmax"     # "softmax" | "kmeans" (chapter 3) | "mpi" (Manifold Power Iteration, chapter 4)
     temperature: float = 1.0    # τ in p = softmax(z / τ); sharpness = 1/τ
     gate: str = "softmax"       # "softmax": keep softmax-over-all values | "renorm": renormalise over the top-k
     aux_weight: float = 0.0     # α of the Switch aux loss (the load-balancing slider)
@@ -111,6 +111,10 @@ class MoEConfig(_JSONMixin):
     lf_rate: float = 0.0        # γ of loss-free balancing (bias update step); 0 = off, papers use 1e-3
     seed: int = 0               # seeds init, data draw and batch order
     arch: str = "moe"           # "moe" | "dense" (parameter-matched, hidden E·m) | "dense_active" (hidden k·m)
+    # Manifold Power Iteration router (router="mpi", chapter 4): R'_i = C · normalize(R_i W_iᵀ W_i), C = C'/√E
+    mpi_scale: float = 1.0      # C' (the row norm is C = mpi_scale / √n_experts); choose it so logits are O(1)
+    mpi_steps: int = 1          # power steps per forward (the paper and its code: 1)
+    mpi_detach: bool = False    # stop the gradient into the expert weights W inside the power step (ablation)
 
     def __post_init__(self) -> None:
         c = "MoEConfig"
@@ -126,6 +130,10 @@ class MoEConfig(_JSONMixin):
             _check_float(c, name, getattr(self, name), nonneg=True)
         _check_int(c, "seed", self.seed, 0)
         _check_choice(c, "arch", self.arch, ARCHS)
+        _check_float(c, "mpi_scale", self.mpi_scale, positive=True)
+        _check_int(c, "mpi_steps", self.mpi_steps, 1, 100)
+        if not isinstance(self.mpi_detach, bool):
+            _fail(c, "mpi_detach", self.mpi_detach, "True or False")
 
     @property
     def is_soft(self) -> bool:

@@ -18,7 +18,8 @@ __all__ = ["RoutingTrace", "trace_layer"]
 class RoutingTrace:
     """The routing of one MoE layer on a batch of tokens (all tensors detached).
 
-    Fields:
+    Fields::
+
         x_TD:        (T, D) layer inputs (what the router and the experts saw).
         probs_TE:    (T, E) routing probabilities ``softmax(z / τ)``, or ``None`` for routers without them.
         idx_TK:      (T, K) selected experts (int64), in descending score order.

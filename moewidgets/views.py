@@ -4,13 +4,14 @@ Shape legend: E experts, J singular-value index (spectrum length), K principal c
 
 Every builder returns a small dataclass holding the figure and its sources; the matching ``update_*`` function
 takes plain data (lists, numpy arrays or CPU tensors) and assigns **one new dict per source** (``source.data =
-{...}``), so a redraw is one message per source over the widget comm rather than one per column. The number of
-experts may change between calls (the E slider): per-expert lines are ``multi_line`` glyphs whose columns simply
-get a different length, and colours come from :func:`expert_palette`.
+{...}``), so a redraw is one message per source over the widget comm rather than one per column; a source whose
+data did not change is not sent again. Columns are numpy arrays (sent as binary buffers: about 2× cheaper than
+lists). The number of experts may change between calls (the E slider): per-expert lines are ``multi_line`` glyphs
+whose columns simply get a different length, and colours come from :func:`expert_palette`.
 
     >>> view = build_spectra_view()
     >>> update_spectra(view, [[1.0, 0.5, 0.1], [1.0, 0.2, 0.05]], dense_J=[1.0, 0.6, 0.3])
-    >>> len(view.experts.data["xs"]), view.dense.data["y"]
+    >>> len(view.experts.data["xs"]), view.dense.data["y"].tolist()
     (2, [1.0, 0.6, 0.3])
 
 Chapter 1 (book/chapter1.ipynb) shows all of them in its live dashboard.
@@ -54,6 +55,23 @@ def _array(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _same(old, new) -> bool:
+    """True if two columns hold the same values (numbers, strings, or per-row arrays of a multi_line)."""
+    if len(old) != len(new):
+        return False
+    if len(new) and isinstance(new[0], np.ndarray):
+        return all(isinstance(a, np.ndarray) and np.array_equal(a, b) for a, b in zip(old, new))
+    return bool(np.array_equal(np.asarray(old), np.asarray(new)))
+
+
+def _assign(source: ColumnDataSource, data: dict) -> None:
+    """``source.data = data`` (one patch message), skipped when nothing changed (a cached baseline, a fixed level)."""
+    old = source.data
+    if old.keys() == data.keys() and all(_same(old[k], v) for k, v in data.items()):
+        return
+    source.data = data
+
+
 def _figure(title: str, x_label: str, y_label: str, y_log: bool = False, **kw):
     fig = figure(title=title, width=FIG_W, height=FIG_H, y_axis_type="log" if y_log else "linear",
                  tools="pan,box_zoom,wheel_zoom,reset,save", toolbar_location="right", **kw)
@@ -79,10 +97,10 @@ def _curves(rows: Sequence[Sequence[float]], x0: int, floor: float | None = None
 
 def _line(y, x0: int, floor: float | None = None) -> dict:
     if y is None:
-        return dict(x=[], y=[])
+        return dict(x=np.zeros(0), y=np.zeros(0))
     y = _array(y)
     y = np.maximum(y, floor) if floor is not None else y
-    return dict(x=list(range(x0, x0 + len(y))), y=y.tolist())
+    return dict(x=np.arange(x0, x0 + len(y), dtype=np.float64), y=y)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,8 +128,8 @@ def build_spectra_view(title: str = "Expert Jacobian spectra") -> SpectraView:
 def update_spectra(view: SpectraView, ratios_EJ, dense_J=None) -> None:
     """``ratios_EJ``: per expert the spectrum σ_j/σ_1, j = 1..J (rows may differ in length); ``dense_J``: the
     dense baseline's, or None. Values are clipped at 1e-6 for the log axis."""
-    view.experts.data = _curves(ratios_EJ, 1, LOG_FLOOR)
-    view.dense.data = _line(dense_J, 1, LOG_FLOOR)
+    _assign(view.experts, _curves(ratios_EJ, 1, LOG_FLOOR))
+    _assign(view.dense, _line(dense_J, 1, LOG_FLOOR))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,8 +163,9 @@ def update_bars(view: BarsView, values_E, ref: float | None = None) -> None:
     """``values_E``: one value per expert; ``ref``: the reference level (None hides the line)."""
     v_E = _array(values_E)
     E = len(v_E)
-    view.bars.data = dict(x=list(range(E)), top=v_E.tolist(), color=expert_palette(E))
-    view.ref.data = dict(x=[-0.5, E - 0.5], y=[float(ref)] * 2) if ref is not None else dict(x=[], y=[])
+    _assign(view.bars, dict(x=np.arange(E, dtype=np.float64), top=v_E, color=expert_palette(E)))
+    level = dict(x=np.array([-0.5, E - 0.5]), y=np.full(2, float(ref))) if ref is not None else _line(None, 0)
+    _assign(view.ref, level)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,7 +197,8 @@ def update_heatmap(view: HeatmapView, matrix_EE, title: str | None = None) -> No
     """``matrix_EE``: the E×E values; ``title`` replaces the figure title (e.g. with the null and ceiling)."""
     m_EE = _array(matrix_EE)
     i_EE, j_EE = np.indices(m_EE.shape)
-    view.cells.data = dict(x=j_EE.ravel().tolist(), y=i_EE.ravel().tolist(), value=m_EE.ravel().tolist())
+    _assign(view.cells, dict(x=j_EE.ravel().astype(np.float64), y=i_EE.ravel().astype(np.float64),
+                             value=m_EE.ravel()))
     if title is not None:
         view.figure.title.text = title
 
@@ -215,8 +235,8 @@ def _cumulative(eig_K) -> np.ndarray:
 def update_pca(view: PCAView, eigvals_EK, dense_K=None) -> None:
     """``eigvals_EK``: per expert the covariance eigenvalues (descending; plotted as cumulative fractions
     Σ_{k'≤k} λ_k' / Σ λ); ``dense_K``: the dense baseline's eigenvalues, or None."""
-    view.experts.data = _curves([_cumulative(e) for e in eigvals_EK], 1)
-    view.dense.data = _line(None if dense_K is None else _cumulative(dense_K), 1)
+    _assign(view.experts, _curves([_cumulative(e) for e in eigvals_EK], 1))
+    _assign(view.dense, _line(None if dense_K is None else _cumulative(dense_K), 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,9 +262,9 @@ def build_loss_view(title: str = "Training loss") -> LossView:
 
 def update_loss(view: LossView, steps_S, loss_S, dense_steps=None, dense_loss=None) -> None:
     """Loss curves: the model's (``steps_S``, ``loss_S``) and optionally the dense baseline's."""
-    view.model.data = dict(step=list(steps_S), loss=np.maximum(_array(loss_S), LOG_FLOOR).tolist())
+    _assign(view.model, dict(step=_array(steps_S), loss=np.maximum(_array(loss_S), LOG_FLOOR)))
     if dense_steps is not None:
-        view.dense.data = dict(step=list(dense_steps), loss=np.maximum(_array(dense_loss), LOG_FLOOR).tolist())
+        _assign(view.dense, dict(step=_array(dense_steps), loss=np.maximum(_array(dense_loss), LOG_FLOOR)))
 
 
 def build_caption(text: str = "") -> Div:

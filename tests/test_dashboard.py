@@ -29,7 +29,7 @@ def sources(dash: Chapter1Dashboard) -> dict[str, dict]:
     for name in ("loss", "load", "align", "spectra", "sigma1", "erank", "pca"):
         for field, src in vars(getattr(dash.views, name)).items():
             if isinstance(src, ColumnDataSource):
-                out[f"{name}.{field}"] = {k: list(v) for k, v in src.data.items()}
+                out[f"{name}.{field}"] = {k: [np.asarray(x).tolist() for x in v] for k, v in src.data.items()}
     return out
 
 
@@ -71,7 +71,7 @@ def test_run_sync_trains_to_the_end_and_fills_every_source(trained):
     assert "E=4" in dash.views.caption.text and "step 60/60" in dash.views.caption.text
     assert dash.dense_probes is not None and dash.dense_probes.n_experts == 1
     tm = dash.timings
-    assert tm.redraws >= 2 and len(tm.probe_s) == 2 and math.isfinite(tm.fire_to_first_redraw_s)
+    assert tm.redraws >= 2 and len(tm.probe_s) == 2 and math.isfinite(tm.fire_to_first_redraw_s)   # steps 50, 60
 
 
 def test_status_summary_is_rounded(trained):
@@ -209,16 +209,19 @@ def test_views_accept_a_changing_number_of_experts():
     assert len(spectra.experts.data["xs"]) == 8 and len(set(spectra.experts.data["color"])) == 8
     V.update_spectra(spectra, [[1.0, 0.0], [1.0, 0.1, 0.01]])     # E = 2, ragged, a zero (log floor)
     assert len(spectra.experts.data["ys"]) == 2 and min(spectra.experts.data["ys"][0]) == V.LOG_FLOOR
-    assert spectra.dense.data == {"x": [], "y": []}
+    assert len(spectra.dense.data["x"]) == len(spectra.dense.data["y"]) == 0
     bars = V.build_bars_view("σ_1", "σ_1")
     V.update_bars(bars, [1.0, 2.0, 3.0], ref=2.5)
-    assert bars.ref.data == {"x": [-0.5, 2.5], "y": [2.5, 2.5]}
+    assert bars.ref.data["x"].tolist() == [-0.5, 2.5] and bars.ref.data["y"].tolist() == [2.5, 2.5]
+    before = bars.ref.data
+    V.update_bars(bars, [1.0, 2.0, 4.0], ref=2.5)          # an unchanged level is not sent again
+    assert bars.ref.data is before and bars.bars.data["top"].tolist() == [1.0, 2.0, 4.0]
     heat = V.build_heatmap_view()
     V.update_heatmap(heat, np.eye(3), title="t")
     assert len(heat.cells.data["value"]) == 9 and heat.figure.title.text == "t"
     pca = V.build_pca_view()
     V.update_pca(pca, [[3.0, 1.0], [1.0, 1.0]], dense_K=[2.0, 2.0])
-    assert np.allclose(pca.experts.data["ys"][0], [0.75, 1.0]) and pca.dense.data["y"] == [0.5, 1.0]
+    assert np.allclose(pca.experts.data["ys"][0], [0.75, 1.0]) and pca.dense.data["y"].tolist() == [0.5, 1.0]
     assert len(V.expert_palette(16)) == 16 and len(V.expert_palette(40)) == 40
     for view in (spectra, bars, heat, pca):
         assert view.figure.xaxis[0].axis_label and view.figure.yaxis[0].axis_label

@@ -314,6 +314,9 @@ class LiveRunner:
                     job = ProbeJob(st, self.make_probe(st), final)
                     if final:
                         st.phase = "probing"         # "done" only once the final probes are drawn
+                # chunks end at probe steps, so probes land on steps 100, 200, ... whatever the timing
+                if self.make_probe is not None:
+                    chunk = max(1, min(chunk, next_probe - trainer.steps_done))
                 self._set_status(self.status_text(st))
             yield job
             if final:

@@ -11,6 +11,8 @@ from .jacobians import (dense_jacobian, expert_jacobians, expert_outputs, gelu_g
                         mean_expert_jacobians, pair_jacobians, silu_grad)
 from .pca import EFFECTIVE_RANK_KINDS, WeightedPCA, effective_rank, expert_pca, weighted_pca
 from .probes import WEIGHTINGS, Chapter1Probes, chapter1_probes
+from .mpi import (RowAlignment, power_iterate, power_step, random_direction_lambda, riemannian_ascent_step,
+                  row_alignment, top_singular)
 from .spectra import SpectrumStats, WeightedSpectra, singular_values, spectrum_stats, weighted_expert_spectra
 
 __all__ = [
@@ -21,4 +23,6 @@ __all__ = [
     "jacobian_alignment", "bank_jacobian_alignment", "frobenius_cosine", "dense_pseudo_experts",
     "JacobianAlignment", "GELUBankView", "SwiGLUBankView", "make_generator",
     "chapter1_probes", "Chapter1Probes", "WEIGHTINGS",
+    "row_alignment", "RowAlignment", "top_singular", "riemannian_ascent_step", "power_step", "power_iterate",
+    "random_direction_lambda",
 ]

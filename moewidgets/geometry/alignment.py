@@ -75,7 +75,8 @@ def frobenius_cosine(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 class JacobianAlignment:
     """Cross-expert alignment of routing-weighted mean Jacobians, with references (module docstring).
 
-    Fields:
+    Fields::
+
         matrix:            (E, E) A_ij = cos_F(J̄_i, J̄_j); NaN rows/columns for dead experts.
         mean_abs_offdiag:  mean over live pairs i<j of |A_ij| (NaN with fewer than 2 live experts).
         signed_mean:       mean over live pairs i<j of A_ij.
@@ -225,7 +226,7 @@ def bank_jacobian_alignment(experts, X_ND: torch.Tensor, weights_NE: torch.Tenso
                             n_null_pairs: int = 200) -> JacobianAlignment:
     """:func:`jacobian_alignment` computed from the bank and the points, never forming per-point Jacobians.
 
-    The mean Jacobians come in closed form (:func:`~.jacobians.mean_expert_jacobians`), so this costs
+    The mean Jacobians come in closed form (:func:`~moewidgets.geometry.mean_expert_jacobians`), so this costs
     O(N·E·F + E·F·D²) and works at Mixtral sizes. Same numbers (and the same random split for the same
     generator) as ``jacobian_alignment(expert_jacobians(experts, X_ND), weights_NE)``.
 

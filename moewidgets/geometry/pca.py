@@ -32,7 +32,8 @@ EFFECTIVE_RANK_KINDS = ("entropy", "participation", "threshold")
 class WeightedPCA:
     """Result of a weighted PCA (leading batch dims ``...`` = () for one set, (E,) per expert).
 
-    Fields:
+    Fields::
+
         eigenvalues:  (..., D) covariance eigenvalues, descending, ≥ 0 (NaN where ``dead``).
         components:   (..., D, D) unit eigenvectors as columns, in the same order; each column's largest-|·|
                       entry is positive (a deterministic sign). NaN where ``dead``.

@@ -42,7 +42,8 @@ def _live_mean(v_E: torch.Tensor, dead_E: torch.Tensor) -> float:
 class Chapter1Probes:
     """Chapter 1's geometry of one model on probe points (see the module docstring for the formulas).
 
-    Fields:
+    Fields::
+
         activation, n_experts, n_points, weights: the bank's activation, E, N, "gates" | "membership".
         counts:        (E,) routed points per expert (weight > 0).
         total_weight:  (E,) Σ_n w_ne.

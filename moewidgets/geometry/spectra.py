@@ -116,7 +116,8 @@ class WeightedSpectra:
 
     Every per-expert statistic is ``S_e = Σ_n w_ne s(J_e(x_n)) / Σ_n w_ne`` over the points with w_ne > 0.
 
-    Fields:
+    Fields::
+
         sigma1, stable_rank, decay_alpha, erank: (E,) weighted means (NaN for dead experts).
         r2, r5, r10: (E,) weighted mean r_j = σ_j/σ_1, or None when R < j.
         ratios:      (E, R) weighted mean normalised spectrum σ_j/σ_1.

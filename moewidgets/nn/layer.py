@@ -73,7 +73,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"dispatch={dispatch!r} must be one of {DISPATCHES}")
         self.cfg, self.dispatch = cfg, dispatch
         self.experts = make_experts(cfg.expert, cfg.n_experts, cfg.d_model, cfg.d_hidden, generator, dtype)
-        self.router = make_router(cfg, generator, dtype)
+        self.router = make_router(cfg, generator, dtype, experts=self.experts)
         self.register_buffer("lf_bias_E", torch.zeros(cfg.n_experts, dtype=dtype))
 
     @property
