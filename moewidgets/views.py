@@ -270,3 +270,53 @@ def update_loss(view: LossView, steps_S, loss_S, dense_steps=None, dense_loss=No
 def build_caption(text: str = "") -> Div:
     """A bokeh Div for a caption inside the bokeh layout (its text is DOM text: easy to read and test)."""
     return Div(text=text, width=3 * FIG_W, styles={"font-size": "10pt", "color": "#333"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chapter 4 (book/chapter4.ipynb): quantities over training steps, per expert, against a reference run.
+
+@dataclass
+class SeriesView:
+    """Per-expert curves over training steps (one line each, or a single line) and a reference curve (dashed)."""
+
+    figure: object
+    experts: ColumnDataSource   # xs (steps), ys, color, expert   (multi_line, one row per curve)
+    ref: ColumnDataSource       # x (steps), y
+
+
+def build_series_view(title: str, y_label: str, ref_label: str = "reference", curve_label: str = "experts",
+                      y_log: bool = False) -> SeriesView:
+    """Curves of a quantity against the optimiser step (e.g. each expert's router-to-singular-vector angle), with
+    a dashed reference curve labelled ``ref_label`` (e.g. the plain softmax router's mean).
+
+    >>> view = build_series_view("Angle to v1", "degrees", ref_label="plain router")
+    >>> update_series(view, [10, 20], [[80.0, 60.0], [85.0, 70.0]], [10, 20], [88.0, 87.0])
+    >>> len(view.experts.data["xs"]), [float(y) for y in view.ref.data["y"]]
+    (2, [88.0, 87.0])
+    """
+    fig = _figure(title, "step", y_label, y_log=y_log)
+    experts = ColumnDataSource(dict(xs=[], ys=[], color=[], expert=[]))
+    ref = ColumnDataSource(dict(x=[], y=[]))
+    r = fig.multi_line("xs", "ys", source=experts, line_color="color", line_width=1.5, legend_label=curve_label)
+    fig.line("x", "y", source=ref, legend_label=ref_label, **{**DENSE_STYLE, "line_width": 2})
+    fig.add_tools(HoverTool(renderers=[r], tooltips=[("expert", "@expert")]))
+    _legend(fig, "top_right")
+    return SeriesView(fig, experts, ref)
+
+
+def update_series(view: SeriesView, steps_S, values_ES, ref_steps=None, ref_values=None) -> None:
+    """``steps_S``: the S steps; ``values_ES``: one row of S values per curve (experts, or a single curve);
+    ``ref_steps`` / ``ref_values``: the reference curve, or None. Log axes clip values at 1e-6."""
+    floor = LOG_FLOOR if view.figure.y_scale.__class__.__name__ == "LogScale" else None
+    x_S = _array(steps_S)
+    rows = [_array(v) for v in values_ES]
+    _assign(view.experts, dict(xs=[x_S] * len(rows), ys=[np.maximum(r, floor) if floor else r for r in rows],
+                               color=expert_palette(len(rows)), expert=list(range(len(rows)))))
+    if ref_steps is None or ref_values is None:
+        _assign(view.ref, dict(x=[], y=[]))
+    else:
+        y = _array(ref_values)
+        _assign(view.ref, dict(x=_array(ref_steps), y=np.maximum(y, floor) if floor else y))
+
+
+__all__ += ["SeriesView", "build_series_view", "update_series"]

@@ -147,7 +147,8 @@ def test_rapid_requests_end_in_one_run_for_the_final_values():
         for e in values:                      # 30 slider messages within ~60 ms
             dash.w_experts.value = e
             await asyncio.sleep(0.002)
-        assert dash.status.startswith("retraining with top-2 of 7") and dash.status.endswith("(queued)")   # acknowledged at once
+        # acknowledged at once, before the debounce has fired
+        assert dash.status.startswith("retraining with top-2 of 7") and dash.status.endswith("(queued)")
         await dash.wait()
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         return dash, others
@@ -225,3 +226,29 @@ def test_views_accept_a_changing_number_of_experts():
     assert len(V.expert_palette(16)) == 16 and len(V.expert_palette(40)) == 40
     for view in (spectra, bars, heat, pca):
         assert view.figure.xaxis[0].axis_label and view.figure.yaxis[0].axis_label
+
+
+def test_a_failing_probe_stops_the_run_with_a_message():
+    dash = Chapter1Dashboard(SMALL, autostart=False)
+
+    def boom(state):
+        raise RuntimeError("svd did not converge")
+
+    dash.runner.probe = boom
+    st = dash.run_sync()
+    assert st.phase == "error" and dash.probes is None
+    assert dash.status.startswith("error: top-2 of 4")
+    assert "probes failed at step 60: svd did not converge" in dash.status
+
+
+def test_stop_while_only_queued_says_nothing_started():
+    async def queue_then_stop():
+        dash = Chapter1Dashboard(SMALL, autostart=False)
+        dash.w_experts.value = 3
+        dash.stop()
+        await dash.wait()
+        return dash
+
+    dash = asyncio.run(queue_then_stop())
+    assert dash.status == "stopped: top-2 of 3 · τ=1 · α=0 · seed 0 was not started"
+    assert dash.runner.runs_started == 0

@@ -16,7 +16,6 @@ Chapter 1 (book/chapter1.ipynb).
 """
 from __future__ import annotations
 
-import copy
 import html
 import json
 import math
@@ -25,7 +24,6 @@ from dataclasses import dataclass
 
 import ipywidgets as W
 import numpy as np
-import torch
 from bokeh.layouts import column, gridplot
 from jupyter_bokeh.widgets import BokehModel
 
@@ -35,7 +33,8 @@ from ..geometry import Chapter1Probes, chapter1_probes
 from ..train import trace_model
 from .runner import LiveRunner, RunState, describe_run
 
-__all__ = ["Chapter1Dashboard", "Chapter1Views", "ProbePair", "dense_baseline", "AUX_WEIGHTS", "N_PROBE"]
+__all__ = ["Chapter1Dashboard", "Chapter1Views", "ProbePair", "dense_baseline", "bokehjs_loader", "AUX_WEIGHTS",
+           "N_PROBE"]
 
 AUX_WEIGHTS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # the load-balancing slider: log steps, and 0 (off)
 N_PROBE = 512                                      # probe points the geometry views use
@@ -64,7 +63,8 @@ def bokehjs_loader() -> W.Output:
         js = (f"if (typeof window.Bokeh === 'undefined') {{ for (const src of {sources}) {{ "
               "const s = document.createElement('script'); s.textContent = src; document.head.appendChild(s); } }")
         _BOKEHJS = W.Output(layout=W.Layout(display="none"))
-        _BOKEHJS.outputs = ({"output_type": "display_data", "metadata": {}, "data": {LOAD_MIME_TYPE: js, "application/javascript": js}},)
+        data = {LOAD_MIME_TYPE: js, "application/javascript": js}    # jupyter_bokeh's renderer, else plain JS
+        _BOKEHJS.outputs = ({"output_type": "display_data", "metadata": {}, "data": data},)
     return _BOKEHJS
 
 
@@ -146,7 +146,7 @@ class Chapter1Dashboard:
         self._dense_probes: dict[tuple[str, int], Chapter1Probes] = {}   # (dense config, step) → probes
         self.views = Chapter1Views.build()
         self.runner = LiveRunner(on_status=self._show_status, on_chunk=self._draw_chunk,
-                                 make_probe=self._make_probe, on_probes=self._draw_probes,
+                                 probe=self._probe, on_probes=self._draw_probes,
                                  reference_of=dense_baseline, describe=describe_run)
         self._build_widgets()
         self._set_widgets(self._initial)
@@ -290,32 +290,21 @@ class Chapter1Dashboard:
         load_E = np.mean(recent, axis=0) if recent else np.ones(1)
         V.update_bars(self.views.load, load_E, ref=1.0 / len(load_E))
 
-    def _make_probe(self, st: RunState):
-        """Snapshot the model (and the dense baseline unless its probes are cached); probe them off the loop."""
-        seed, step = st.run.model.seed, st.trainer.steps_done
-        x_TD = st.trainer.data.x_probe[:N_PROBE]
-        bank = copy.deepcopy(st.trainer.model.layer.experts)     # training goes on while the thread reads it
-        trace = trace_model(st.trainer.model, x_TD)
-        ref, dense_key, dense_cached, ref_bank, ref_trace = st.reference, None, None, None, None
+    def _probe(self, st: RunState) -> ProbePair:
+        """Probe the model and its dense baseline (the baseline's probes are cached once it has finished)."""
+        t0 = time.perf_counter()
+        seed, x_TD = st.run.model.seed, st.trainer.data.x_probe[:N_PROBE]
+        model = chapter1_probes(st.trainer.model.layer.experts, trace_model(st.trainer.model, x_TD), generator=seed)
+        ref, dense = st.reference, None
         if ref is not None:
-            dense_key = (dense_baseline(st.run).to_json(), ref.steps_done)
-            dense_cached = self._dense_probes.get(dense_key)
-            if dense_cached is None:
-                ref_bank = copy.deepcopy(ref.model.layer.experts)
-                ref_trace = trace_model(ref.model, x_TD)
-        dense_step = ref.steps_done if ref is not None else step
-
-        def compute() -> ProbePair:
-            with torch.no_grad():   # grad mode is per thread: set it here, in the thread that computes
-                t0 = time.perf_counter()
-                model = chapter1_probes(bank, trace, generator=seed)
-                dense = dense_cached
-                if ref_bank is not None:
-                    dense = chapter1_probes(ref_bank, ref_trace, generator=seed)
-                    if ref.done:    # keep only finished baselines' probes (dict assignment: atomic)
-                        self._dense_probes[dense_key] = dense
-                return ProbePair(model, dense, step, dense_step, time.perf_counter() - t0)
-        return compute
+            key = (dense_baseline(st.run).to_json(), ref.steps_done)
+            dense = self._dense_probes.get(key)
+            if dense is None:
+                dense = chapter1_probes(ref.model.layer.experts, trace_model(ref.model, x_TD), generator=seed)
+                if ref.done:
+                    self._dense_probes[key] = dense
+        return ProbePair(model, dense, st.trainer.steps_done, ref.steps_done if ref else st.trainer.steps_done,
+                         time.perf_counter() - t0)
 
     def _draw_probes(self, st: RunState, pp: ProbePair) -> None:
         """Spectra, σ_1 and erank bars, PCA and alignment from one :class:`ProbePair` (fields picked, nothing

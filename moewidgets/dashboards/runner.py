@@ -6,9 +6,11 @@ The task trains a chunk of steps sized to ≈ 40 ms, redraws the cheap views (lo
 ``await asyncio.sleep(0)`` (so the next slider message is handled), and stops at its next chunk boundary once the
 generation has moved on. A drag across a slider therefore ends in exactly one run, for the value where it stopped.
 
-The expensive probes (Jacobian spectra, PCA, alignment) run every ``probe_every`` steps and at the end, on a
-*snapshot* of the model in a worker thread, so the loop keeps handling widget messages and redrawing while they
-compute; their results are drawn back on the loop. Every widget or bokeh mutation happens on the loop.
+The expensive probes (Jacobian spectra, PCA, alignment) run every ``probe_every`` steps (chunks end there, so the
+probe steps do not depend on timing) and at the end. At chapter-1 sizes they take ≈ 40–80 ms on one thread, about
+one chunk, so they run on the loop like everything else: no worker thread, no snapshots, and every widget or bokeh
+mutation happens on the loop. (A worker thread was tried: its OpenMP threads fought the training thread for two
+cores and made both slower.)
 
 Each run may train a *reference* model in lockstep (chapter 1: the parameter-matched dense baseline). References
 are cached by their config, finished or not: a later run with the same reference resumes or reuses it.
@@ -19,7 +21,6 @@ awaits whatever is queued or running. Chapter 1 (book/chapter1.ipynb).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import math
@@ -34,7 +35,7 @@ from ..config import RunConfig
 from ..data import TaskData, make_task
 from ..train import NonFiniteLossError, Trainer
 
-__all__ = ["LiveRunner", "RunState", "RunTimings", "ProbeJob", "describe_run"]
+__all__ = ["LiveRunner", "RunState", "RunTimings", "describe_run"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class RunTimings:
     redraws: int = 0
     redraws_per_s: float = math.nan
     wall_s: float = math.nan
-    probe_s: list[float] = field(default_factory=list)   # each probe's compute time (worker thread)
+    probe_s: list[float] = field(default_factory=list)   # each probe's compute + draw time
 
 
 @dataclass
@@ -75,23 +76,13 @@ class RunState:
     probes: Any = None             # the last probe result drawn (whatever the dashboard's probe returns)
 
 
-@dataclass
-class ProbeJob:
-    """A probe to compute off the loop: ``compute()`` must only touch snapshots (it may run in a worker thread);
-    ``final`` marks the end-of-run probe that the run waits for."""
-
-    state: RunState
-    compute: Callable[[], Any]
-    final: bool
-
-
 class LiveRunner:
     """Debounced, cancellable, chunked training with redraw callbacks (see the module docstring).
 
     Callbacks (all called on the loop's thread):
         on_status(text):            the status line.
         on_chunk(state):            redraw the cheap views (after every chunk, ≥ 5 per second).
-        make_probe(state) -> fn:    snapshot what the probes need; ``fn()`` computes them (maybe in a thread).
+        probe(state) -> result:     compute the expensive probes (every ``probe_every`` steps and at the end).
         on_probes(state, result):   redraw the expensive views.
         reference_of(run) -> RunConfig | None: the reference model to train alongside (None: none).
 
@@ -113,13 +104,13 @@ class LiveRunner:
 
     def __init__(self, *, on_status: Callable[[str], None] = lambda text: None,
                  on_chunk: Callable[[RunState], None] = lambda state: None,
-                 make_probe: Callable[[RunState], Callable[[], Any]] | None = None,
+                 probe: Callable[[RunState], Any] | None = None,
                  on_probes: Callable[[RunState, Any], None] = lambda state, result: None,
                  reference_of: Callable[[RunConfig], RunConfig | None] = lambda run: None,
                  describe: Callable[[RunConfig], str] = describe_run,
                  debounce_s: float = 0.25, chunk_s: float = 0.04, probe_every: int = 100,
                  threads: int | None = 1):
-        self.on_status, self.on_chunk, self.make_probe, self.on_probes = on_status, on_chunk, make_probe, on_probes
+        self.on_status, self.on_chunk, self.probe, self.on_probes = on_status, on_chunk, probe, on_probes
         self.reference_of, self.describe = reference_of, describe
         self.debounce_s, self.chunk_s, self.probe_every = debounce_s, chunk_s, probe_every
         self.threads = threads                    # torch threads while training (None: leave as is)
@@ -131,7 +122,6 @@ class LiveRunner:
         self._pending: RunConfig | None = None    # requested, debounce not yet fired
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._data: OrderedDict[str, TaskData] = OrderedDict()        # (task, seed) → drawn task
         self._references: OrderedDict[str, Trainer] = OrderedDict()  # reference config → its trainer
 
@@ -154,19 +144,27 @@ class LiveRunner:
 
     def stop(self) -> None:
         """Stop the current run at its next step boundary (and drop a queued one); its plots stay."""
-        st = self.state
-        was_running = self.busy
-        self._supersede()
-        self._pending = None
-        if st is not None and was_running:
-            st.phase = "stopped"
+        st, queued = self._halt()
+        if st is not None:
             self._set_status(self.status_text(st))
+        elif queued is not None:
+            self._set_status(f"stopped: {self.describe(queued)} was not started")
 
     def fail(self, message: str) -> None:
         """Show an error (e.g. an invalid config) and stop: nothing is recomputed, the last plots stay."""
+        self._halt()
+        self._set_status(f"error: {message}")
+
+    def _halt(self) -> tuple[RunState | None, RunConfig | None]:
+        """Supersede everything; return the run that was training (now marked stopped) and the dropped request."""
+        queued = self._pending if self._timer is not None else None
+        st = self.state
+        running = st is not None and st.phase == "training" and self._task is not None and not self._task.done()
         self._supersede()
         self._pending = None
-        self._set_status(f"error: {message}")
+        if running:
+            st.phase = "stopped"
+        return (st if running else None), queued
 
     @property
     def busy(self) -> bool:
@@ -198,53 +196,28 @@ class LiveRunner:
         return self.state
 
     def close(self) -> None:
-        """Stop, and shut the probe thread down."""
+        """Stop (kept for symmetry with other resources; the runner holds no threads)."""
         self.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
 
     # -- running -------------------------------------------------------------------------------------------------
     def run_sync(self, run: RunConfig | None = None) -> RunState:
-        """Do a whole run now, synchronously (probes inline), superseding any async run. ``run=None``: the
-        pending request, else the last run's config."""
+        """Do a whole run now, synchronously, superseding any async run. ``run=None``: the pending request, else
+        the last run's config."""
         run = run or self._pending or (self.state.run if self.state else None)
         if run is None:
             raise ValueError("run_sync() needs a RunConfig: nothing was requested yet")
         self._supersede()
         self._pending = None
-        generation = self.generation
-        for item in self._work(run, generation):
-            if isinstance(item, ProbeJob):
-                with self._thread_limit():
-                    self._apply_probe(item, item.compute)
+        for _ in self._work(run, self.generation):
+            pass
         return self.state
 
     async def _drive(self, run: RunConfig, generation: int, previous: asyncio.Task | None) -> None:
-        """The asyncio task: iterate :meth:`_work`, yielding to the loop between chunks, probes in a thread."""
+        """The asyncio task: iterate :meth:`_work`, yielding to the loop between chunks."""
         if previous is not None and not previous.done():
             await asyncio.wait({previous})          # it returns at its next boundary: never two runs at once
-        loop = asyncio.get_running_loop()
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moewidgets-probe")
-        in_flight: tuple[asyncio.Future, ProbeJob] | None = None
         try:
-            for item in self._work(run, generation):
-                if isinstance(item, ProbeJob):
-                    if item.final:                  # the end: draw the in-flight probe, then the final one
-                        if in_flight is not None:
-                            await asyncio.wait({in_flight[0]})
-                            self._apply_probe(in_flight[1], in_flight[0].result)
-                            in_flight = None
-                        fut = loop.run_in_executor(self._executor, item.compute)
-                        await asyncio.wait({fut})
-                        if generation == self.generation:
-                            self._apply_probe(item, fut.result)
-                    elif in_flight is None:         # at most one probe in flight; skip one that would queue
-                        in_flight = (loop.run_in_executor(self._executor, item.compute), item)
-                if in_flight is not None and in_flight[0].done():
-                    self._apply_probe(in_flight[1], in_flight[0].result)
-                    in_flight = None
+            for _ in self._work(run, generation):
                 await asyncio.sleep(0)              # let slider messages in
                 if generation != self.generation:
                     return                          # superseded: stop at this step boundary
@@ -253,27 +226,9 @@ class LiveRunner:
             if generation == self.generation:
                 self._set_status(f"error: {type(exc).__name__}: {exc}")
 
-    def _apply_probe(self, job: ProbeJob, result: Callable[[], Any]) -> None:
-        """Draw a probe result (``result()`` returns it or raises) unless its run was superseded or failed."""
-        st = job.state
-        if st.generation != self.generation or st.phase == "error":
-            return
-        t0 = time.perf_counter()
-        try:
-            value = result()
-        except Exception as exc:
-            log.exception("probes failed")
-            self._set_status(f"error: probes failed at step {st.trainer.steps_done}: {exc} — last good plots kept")
-            return
-        st.timings.probe_s.append(getattr(value, "wall_s", time.perf_counter() - t0))
-        st.probes = value
-        self.on_probes(st, value)
-
-    def _work(self, run: RunConfig, generation: int) -> Iterator[ProbeJob | None]:
-        """One run as a generator: build, then per chunk train (model and reference in lockstep), redraw, yield.
-
-        Yields None at each chunk boundary and a :class:`ProbeJob` where probes are due (the caller computes
-        them). It never touches the loop itself, so :meth:`run_sync` and :meth:`_drive` share it. Each segment
+    def _work(self, run: RunConfig, generation: int) -> Iterator[None]:
+        """One run as a generator: build, then per chunk train (model and reference in lockstep), redraw, probe
+        when due, yield. It never touches the loop, so :meth:`run_sync` and :meth:`_drive` share it. Each segment
         between two yields runs under :meth:`_thread_limit`, never across a yield (user code may run there)."""
         t_fire = time.perf_counter()
         self.runs_started += 1
@@ -282,7 +237,7 @@ class LiveRunner:
             reference = self._reference(run)
         st = RunState(run, generation, trainer, reference, t_fire)
         self.state = st
-        chunk, next_probe = 2, self.probe_every      # a small first chunk: the first redraw comes quickly
+        chunk, next_probe = 1, self.probe_every      # a one-step first chunk: the first redraw comes quickly
         while True:
             with self._thread_limit():
                 t0 = time.perf_counter()
@@ -308,22 +263,35 @@ class LiveRunner:
                 if tm.redraws == 1:
                     tm.fire_to_first_redraw_s = tm.wall_s
                 tm.redraws_per_s = tm.redraws / tm.wall_s
-                job = None
-                if self.make_probe is not None and (final or trainer.steps_done >= next_probe):
-                    next_probe = (trainer.steps_done // self.probe_every + 1) * self.probe_every
-                    job = ProbeJob(st, self.make_probe(st), final)
-                    if final:
-                        st.phase = "probing"         # "done" only once the final probes are drawn
-                # chunks end at probe steps, so probes land on steps 100, 200, ... whatever the timing
-                if self.make_probe is not None:
+                if self.probe is not None:
+                    if final or trainer.steps_done >= next_probe:
+                        if not self._probe(st):
+                            return
+                        next_probe = (trainer.steps_done // self.probe_every + 1) * self.probe_every
+                    # chunks end at probe steps, so probes land on steps 100, 200, ... whatever the timing
                     chunk = max(1, min(chunk, next_probe - trainer.steps_done))
+                if final:
+                    st.phase, tm.wall_s = "done", time.perf_counter() - t_fire
+                    self.runs_completed += 1
                 self._set_status(self.status_text(st))
-            yield job
             if final:
-                st.phase, st.timings.wall_s = "done", time.perf_counter() - t_fire
-                self.runs_completed += 1
-                self._set_status(self.status_text(st))
                 return
+            yield
+
+    def _probe(self, st: RunState) -> bool:
+        """Compute and draw the probes. A failure stops the run with a status message (the last plots stay)."""
+        t0 = time.perf_counter()
+        try:
+            result = self.probe(st)
+        except Exception as exc:
+            log.exception("probes failed")
+            st.phase, st.error = "error", f"probes failed at step {st.trainer.steps_done}: {exc}"
+            self._set_status(self.status_text(st))
+            return False
+        st.probes = result
+        self.on_probes(st, result)
+        st.timings.probe_s.append(time.perf_counter() - t0)
+        return True
 
     @contextlib.contextmanager
     def _thread_limit(self):
