@@ -4,7 +4,7 @@
 #   make test       unit + packaging + browser tests, nbval on the book, book build with warnings as errors
 #   make book       build the HTML book (notebooks executed) into book/_build/html
 #   make bench      run the benchmarks (bench/)
-#   make reproduce  the chapter-1 claim runs (resumable) -> book/results/chapter1.jsonl
+#   make reproduce  the claim runs of every chapter (resumable) -> book/results/chapterN.jsonl
 #   make clean      remove build outputs and caches (keeps the venv);  make distclean: also the venv
 #
 # Overridable:  VENV=.venv  PYTHON=python3  TORCH_SPEC='torch==2.13.0'  MOEWIDGETS_DATA=/path/to/data
@@ -87,6 +87,7 @@ bench: install
 
 reproduce: install
 	$(PY) -m moewidgets reproduce chapter1
+	$(PY) -m moewidgets reproduce chapter4
 
 # ---------------------------------------------------------------------------------------------
 clean:

@@ -277,3 +277,51 @@ def test_make_router_mpi_needs_the_experts():
         MPIRouter(bank, 6, 8, 2)
     with pytest.raises(ValueError, match="power_steps=0 must be an integer >= 1"):
         MPIRouter(GELUExperts(4, 6, 5, _gen(0)), 6, 4, 2, power_steps=0)
+
+
+def test_docstring_examples_of_the_mpi_metrics():
+    import doctest
+    import importlib
+    for name in ("moewidgets.geometry.mpi", "moewidgets.nn.routers"):
+        flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+        result = doctest.testmod(importlib.import_module(name), optionflags=flags)
+        assert result.failed == 0, name
+
+
+def test_chapter4_claim_run_definitions():
+    from moewidgets import reproduce as rp
+    jobs = rp.chapter4_jobs(5)
+    assert len(jobs) == 4 * 5 * 2 + 5
+    assert {j.arm for j in jobs} == {"softmax", "mpi", "mpi-10", "mpi-detach", "softmax:4x", "mpi:4x", "mpi-10:4x",
+                                     "mpi-detach:4x", "timing"}
+    run = rp.chapter4_run("mpi-10", 3, steps_factor=4)
+    assert (run.model.router, run.model.mpi_steps, run.model.seed, run.train.steps) == ("mpi", 10, 3, 4000)
+    assert rp.chapter4_run("softmax", 0).model.replace(router="mpi") == rp.chapter4_run("mpi", 0).model
+    with pytest.raises(ValueError, match="arm='x' must be one of"):
+        rp.chapter4_run("x", 0)
+    with pytest.raises(ValueError, match="chapter='chapter9' must be one of"):
+        rp.reproduce("chapter9")
+
+
+def test_chapter4_claims_render_from_the_committed_rows():
+    from moewidgets import reproduce as rp
+    try:
+        rows = rp.load_results("chapter4")
+    except FileNotFoundError:
+        pytest.skip("book/results/chapter4.jsonl not written yet")
+    claims = rp.chapter4_claims(rows)
+    assert {c.claim for c in claims} == {f"MPI-{c}" for c in "abcdefghi"}
+    assert all(c.n_seeds == 5 for c in claims)
+    table = rp.claims_table(claims)
+    assert table.count("\n") == len(claims) + 1
+
+
+def test_chapter4_pinned_subset_matches_committed_rows():
+    """Seed 0 of the MPI arm re-run live within 2 % of the committed row (1 thread; same machine kind → identical)."""
+    from moewidgets import reproduce as rp
+    try:
+        rows = rp.load_results("chapter4")
+    except FileNotFoundError:
+        pytest.skip("book/results/chapter4.jsonl not written yet")
+    (check,) = rp.pinned_subset(rows, arms=["mpi"], chapter="chapter4")
+    assert check.ok, f"{check.worst_metric} deviates by {check.max_rel_dev:.2%} from the committed row"

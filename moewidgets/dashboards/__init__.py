@@ -3,6 +3,7 @@
 Importing this package imports ipywidgets and bokeh (``import moewidgets`` alone never does).
 """
 from .chapter1 import Chapter1Dashboard
+from .chapter4 import Chapter4Dashboard
 from .runner import LiveRunner, RunState, RunTimings, describe_run
 
-__all__ = ["Chapter1Dashboard", "LiveRunner", "RunState", "RunTimings", "describe_run"]
+__all__ = ["Chapter1Dashboard", "Chapter4Dashboard", "LiveRunner", "RunState", "RunTimings", "describe_run"]

@@ -179,7 +179,7 @@ class MPIRouter(nn.Module):
     >>> bank = GELUExperts(4, 8, 16, generator=g)
     >>> r = MPIRouter(bank, 8, 4, k=2, generator=g)
     >>> out = r(torch.randn(5, 8, generator=g))
-    >>> out.gates_TK.shape, round(float(r.effective_rows_ED().norm(dim=1)[0]), 4)
+    >>> out.gates_TK.shape, round(float(r.effective_rows_ED().detach().norm(dim=1)[0]), 4)
     (torch.Size([5, 2]), 0.5)
 
     Chapter 4 (book/chapter4.ipynb).
