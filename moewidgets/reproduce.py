@@ -15,9 +15,10 @@ Convergence (ours): an arm has converged when, for every seed, its probe MSE aft
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -88,13 +89,23 @@ def _probe_metrics(model, data, n_probe: int) -> dict[str, float]:
     return {k: (float(v) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the block with 1 torch thread (the numbers are then the same on every machine of a kind); the previous
+    thread count is restored afterwards, also on error."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def chapter1_job(payload: dict, seed: int) -> dict[str, Any]:
     """One (arm, seed) of chapter 1: probe at init, train, probe again. Runs with 1 torch thread so that the
     numbers are the same on every machine of a kind (restored afterwards)."""
     from .train import Trainer
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         run = RunConfig.from_dict(payload["run"])
         trainer = Trainer.from_config(run)
         data, model = trainer.data, trainer.model
@@ -110,8 +121,6 @@ def chapter1_job(payload: dict, seed: int) -> dict[str, Any]:
             metrics.update(_probe_metrics(model, data, payload["probe_points"]))
         metrics["_device"] = str(trainer.device)
         return metrics
-    finally:
-        torch.set_num_threads(threads)
 
 
 def chapter1_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool = True,
@@ -418,9 +427,7 @@ def chapter4_job(payload: dict, seed: int) -> dict[str, Any]:
     One torch thread (restored afterwards), so the numbers are machine-independent for a kind of machine."""
     from .balance import max_violation
     from .train import Trainer
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         run = RunConfig.from_dict(payload["run"])
         trainer = Trainer.from_config(run)
         data, model = trainer.data, trainer.model
@@ -462,8 +469,6 @@ def chapter4_job(payload: dict, seed: int) -> dict[str, Any]:
                 metrics.update(_mpi_exact_checks(model, data, seed))
         metrics["_device"] = str(trainer.device)
         return metrics
-    finally:
-        torch.set_num_threads(threads)
 
 
 def chapter4_timing_job(payload: dict, seed: int) -> dict[str, Any]:

@@ -20,7 +20,6 @@ Chapter 4 (book/chapter4.ipynb).
 from __future__ import annotations
 
 import html
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,15 +28,14 @@ import ipywidgets as W
 import numpy as np
 import torch
 from bokeh.layouts import column, gridplot
-from jupyter_bokeh.widgets import BokehModel
 
 from .. import views as V
 from ..balance import max_violation
 from ..config import MoEConfig, RunConfig
 from ..geometry.mpi import RowAlignment, row_alignment
 from ..nn.routers import input_side_weights
-from .chapter1 import AUX_WEIGHTS, bokehjs_loader
-from .runner import LiveRunner, RunState
+from .base import DashboardBase
+from .runner import RunState
 
 __all__ = ["Chapter4Dashboard", "Chapter4Views", "AlignmentTrack", "plain_router", "describe_mpi_run",
            "DEFAULT_RUN"]
@@ -120,11 +118,11 @@ class Chapter4Views:
         return cls(caption, angles, angle_now, lam, gap, maxvio, loss, column(caption, grid))
 
 
-class Chapter4Dashboard:
+class Chapter4Dashboard(DashboardBase):
     """Retrain an MLP-MoE with the MPI (or plain) router live and redraw the router–expert alignment.
 
     Args:
-        config: the starting run (default :data:`DEFAULT_RUN`: E=8, k=2, D=32, m=64, MPI with C'=1 and one power
+        config: the starting run (default ``DEFAULT_RUN``: E=8, k=2, D=32, m=64, MPI with C'=1 and one power
             step, gate "renorm", α=0.01, 400 steps); Reset returns to it.
         autostart: start training at once (needs a running event loop, as in a Jupyter kernel).
 
@@ -132,81 +130,43 @@ class Chapter4Dashboard:
     :class:`AlignmentTrack` drawn), ``status``; ``run_sync()``, ``await wait()``, ``status_summary()``.
     """
 
+    _describe = staticmethod(describe_mpi_run)
+    _reference_of = staticmethod(plain_router)
+
     def __init__(self, config: RunConfig | None = None, autostart: bool = True):
-        self._initial = config if config is not None else DEFAULT_RUN
-        self._config = self._initial
-        self._syncing = False
         self.track: AlignmentTrack | None = None
         self.redraw_s = 0.2                 # at most 5 redraws per second (plus the final one)
         self.redraws = 0
         self._drawn_at = -math.inf
         self.views = Chapter4Views.build()
-        self.runner = LiveRunner(on_status=self._show_status, on_chunk=self._draw_chunk,
-                                 reference_of=plain_router, describe=describe_mpi_run)
-        self._build_widgets()
-        self._set_widgets(self._initial)
-        self._show_status(f"ready: {describe_mpi_run(self._initial)}")
-        if autostart:
-            self.runner.request(self._initial, delay=0.0)
+        super().__init__(config, autostart)
+
+    def _default_config(self) -> RunConfig:
+        return DEFAULT_RUN
 
     # -- widgets -------------------------------------------------------------------------------------------------
-    def _build_widgets(self) -> None:
-        wide = {"description_width": "initial"}
+    def _build_controls(self, wide: dict) -> list[W.Widget]:
         self.w_router = W.ToggleButtons(options=["softmax", "mpi"], value="mpi", description="router",
                                         style={**wide, "button_width": "72px"},
                                         tooltips=["plain linear softmax router", "Manifold Power Iteration router"])
         self.w_steps = W.IntSlider(value=1, min=1, max=10, description="power steps", style=wide)
         self.w_scale = W.FloatLogSlider(value=1.0, base=10, min=-1, max=1, step=0.1, description="C'",
                                         style=wide, readout_format=".2g")
-        self.w_k = W.IntSlider(value=2, min=1, max=8, description="k", style=wide)
-        self.w_experts = W.IntSlider(value=8, min=2, max=16, description="experts E", style=wide)
-        self.w_aux = W.SelectionSlider(options=[(f"{a:g}", a) for a in AUX_WEIGHTS], value=0.01,
-                                       description="balance α", style=wide)
-        self.w_seed = W.IntText(value=0, description="seed", style=wide, layout=W.Layout(width="120px"))
-        self.w_reset = W.Button(description="Reset", tooltip="back to the starting config")
-        self.w_stop = W.Button(description="Stop", tooltip="stop training; the plots stay")
-        self.w_json = W.Textarea(rows=14, layout=W.Layout(width="520px"))
-        self.w_load = W.Button(description="Load", tooltip="train the config in the text box")
-        self.w_status = W.HTML(layout=W.Layout(width="100%"))
-        for w in (self.w_router, self.w_steps, self.w_scale, self.w_k, self.w_experts, self.w_aux, self.w_seed):
-            w.observe(self._on_widget, names="value")
-        self.w_reset.on_click(lambda _: self.load(self._initial))
-        self.w_stop.on_click(lambda _: self.runner.stop())
-        self.w_load.on_click(lambda _: self.load_json(self.w_json.value))
-        config_box = W.Accordion(children=[W.VBox([self.w_json, self.w_load])], titles=("config (JSON)",),
-                                 selected_index=None)
-        self.widget = W.VBox([
-            W.HBox([self.w_router, self.w_steps, self.w_scale]),
-            W.HBox([self.w_k, self.w_experts, self.w_aux]),
-            W.HBox([self.w_seed, self.w_reset, self.w_stop]),
-            config_box,
-            self.w_status,
-            BokehModel(self.views.layout, combine_events=True),
-        ])
+        return [self.w_router, self.w_steps, self.w_scale]
 
-    def _set_widgets(self, run: RunConfig) -> None:
-        """Show ``run`` on the widgets without triggering runs (ranges widen for values a slider cannot show)."""
+    def _control_rows(self) -> list[W.Widget]:
+        return [W.HBox([self.w_router, self.w_steps, self.w_scale]),
+                W.HBox([self.w_k, self.w_experts, self.w_aux]),
+                W.HBox([self.w_seed, self.w_reset, self.w_stop])]
+
+    def _set_controls(self, run: RunConfig) -> None:
         m = run.model
-        self._syncing = True
-        try:
-            self.w_experts.min, self.w_experts.max = min(2, m.n_experts), max(16, m.n_experts)
-            self.w_experts.value = m.n_experts
-            self.w_k.max = m.n_experts
-            self.w_k.value = m.k
-            self.w_router.value = "mpi" if m.router == "mpi" else "softmax"
-            self.w_steps.max = max(10, m.mpi_steps)
-            self.w_steps.value = m.mpi_steps
-            log_c = math.log10(m.mpi_scale)
-            self.w_scale.min, self.w_scale.max = min(-1, math.floor(log_c)), max(1, math.ceil(log_c))
-            self.w_scale.value = m.mpi_scale
-            values = sorted(set(AUX_WEIGHTS) | {m.aux_weight})
-            self.w_aux.options = [(f"{a:g}", a) for a in values]
-            self.w_aux.value = m.aux_weight
-            self.w_seed.value = m.seed
-            self._sync_enabled()
-            self.w_json.value = run.to_json(indent=1)
-        finally:
-            self._syncing = False
+        self.w_router.value = "mpi" if m.router == "mpi" else "softmax"
+        self.w_steps.max = max(10, m.mpi_steps)
+        self.w_steps.value = m.mpi_steps
+        log_c = math.log10(m.mpi_scale)
+        self.w_scale.min, self.w_scale.max = min(-1, math.floor(log_c)), max(1, math.ceil(log_c))
+        self.w_scale.value = m.mpi_scale
 
     def _sync_enabled(self) -> None:
         mpi = self.w_router.value == "mpi"
@@ -222,58 +182,13 @@ class Chapter4Dashboard:
                           aux_weight=float(self.w_aux.value), seed=self.w_seed.value)
         return self._config.replace(model=model)
 
-    def _on_widget(self, change) -> None:
-        if self._syncing:
-            return
-        self._syncing = True
-        try:
-            self._sync_enabled()
-        finally:
-            self._syncing = False
-        try:
-            run = self._config_from_widgets()
-        except ValueError as exc:
-            self.runner.fail(str(exc))
-            return
-        self._start(run)
-
-    def _start(self, run: RunConfig) -> None:
-        self._config = run
-        self._syncing = True
-        try:
-            self.w_json.value = run.to_json(indent=1)
-        finally:
-            self._syncing = False
-        self.runner.request(run)
-
-    def load(self, run: RunConfig) -> None:
-        """Show ``run`` on the widgets and retrain it."""
-        self._set_widgets(run)
-        self._start(run)
-
-    def load_json(self, text: str) -> bool:
-        """Load a RunConfig from JSON (the Load button). Bad JSON or values → status-line error, plots kept."""
-        try:
-            run = RunConfig.from_json(text)
-        except json.JSONDecodeError as exc:
-            self.runner.fail(f"config JSON is not valid JSON: {exc}")
-            return False
-        except (ValueError, TypeError, AttributeError) as exc:
-            self.runner.fail(f"config JSON: {exc}")
-            return False
+    def _check_loaded(self, run: RunConfig) -> str | None:
         if run.model.arch != "moe":
-            self.runner.fail(f"config JSON: model.arch={run.model.arch!r} must be 'moe' here (a dense model "
-                             "has no router to align)")
-            return False
-        self.load(run)
-        return True
+            return (f"config JSON: model.arch={run.model.arch!r} must be 'moe' here (a dense model "
+                    "has no router to align)")
+        return None
 
     # -- drawing -------------------------------------------------------------------------------------------------
-    def _show_status(self, text: str) -> None:
-        color = "#b00020" if text.startswith("error") else "#222"
-        self.w_status.value = (f'<div class="moewidgets-status" style="font-family: monospace; color: {color}">'
-                               f"{html.escape(text)}</div>")
-
     def _draw_chunk(self, st: RunState) -> None:
         """Record the alignment of the model (and of the plain-router reference) after every chunk; redraw the
         views at most every ``redraw_s`` seconds and at the end (serialising growing curves costs more than a
@@ -326,55 +241,20 @@ class Chapter4Dashboard:
 
     # -- accessors -----------------------------------------------------------------------------------------------
     @property
-    def config(self) -> RunConfig:
-        """The last valid run the widgets asked for."""
-        return self._config
-
-    @property
-    def trainer(self):
-        """The latest run's :class:`~moewidgets.train.Trainer` (None before the first run)."""
-        return self.runner.state.trainer if self.runner.state else None
-
-    @property
     def reference(self):
         """The plain-router trainer of the latest run (None for a plain run)."""
         return self.runner.state.reference if self.runner.state else None
 
-    @property
-    def status(self) -> str:
-        """The status line as plain text."""
-        return self.runner.status
-
-    def run_sync(self, config: RunConfig | None = None) -> RunState:
-        """Train ``config`` (default: the widgets' run) to the end now, drawing as it goes (tests, scripts)."""
-        if config is not None:
-            self._set_widgets(config)
-            self._config = config
-        return self.runner.run_sync(self._config)
-
-    async def wait(self) -> RunState | None:
-        """Await the live run (and anything queued)."""
-        return await self.runner.wait()
-
-    def stop(self) -> None:
-        """Stop training (the Stop button)."""
-        self.runner.stop()
-
-    def status_summary(self) -> str:
-        """A rounded summary for notebook outputs (2 significant digits, independent of the thread count)."""
-        st = self.runner.state
-        if st is None:
-            return f"{describe_mpi_run(self._config)} — not trained yet"
-        tr = st.trainer
-        loss = tr.history.loss[-1] if tr.history.loss else math.nan
-        text = f"{describe_mpi_run(st.run)} — {tr.steps_done}/{tr.cfg.steps} steps · final train MSE {loss:.2g}"
+    def _summary_extra(self) -> str:
+        """The mean λ and angle to v1 of the model (and of the plain router), 2 significant digits."""
+        text = ""
         t = self.track
         if t is not None and t.now is not None:
             text += f" · mean λ {float(t.now.lam.mean()):.2g}, mean angle to v1 {float(t.now.angle_deg.mean()):.2g}°"
             if t.ref_now is not None:
                 text += (f" (plain router: λ {float(t.ref_now.lam.mean()):.2g}, "
                          f"{float(t.ref_now.angle_deg.mean()):.2g}°)")
-        return f"{text} · {st.phase}" if st.phase != "error" else f"{text} · error: {st.error}"
+        return text
 
     # -- display -------------------------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -385,17 +265,3 @@ class Chapter4Dashboard:
         else:
             head = m.router
         return f"Chapter4Dashboard({head}, {m.label}, α={m.aux_weight:g}, seed={m.seed})"
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        """The widget view, with this object's short repr as text/plain."""
-        bundle = self.widget._repr_mimebundle_()
-        bundle["text/plain"] = repr(self)
-        return bundle
-
-    def _ipython_display_(self) -> None:
-        """Two outputs: the BokehJS loader (widget view only), then the dashboard (short repr as text/plain)."""
-        from IPython.display import display
-        loader = bokehjs_loader()._repr_mimebundle_()
-        del loader["text/plain"]
-        display(loader, raw=True)
-        display(self._repr_mimebundle_(), raw=True)

@@ -1,0 +1,292 @@
+"""What every chapter's live dashboard shares: :class:`DashboardBase` (the :class:`~.runner.LiveRunner` wiring,
+the widgets every chapter has, the config ⇄ JSON box, the status line, the public accessors and the notebook
+display) and :func:`bokehjs_loader`.
+
+A chapter's dashboard subclasses :class:`DashboardBase` and defines only what differs: its own controls
+(``_build_controls``, ``_control_rows``, ``_set_controls``, ``_sync_enabled``), ``_config_from_widgets``, the
+drawing callbacks, the reference run (``_reference_of``), the run description (``_describe``), the summary's
+extra text and its short repr.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Any, Callable, ClassVar
+
+import ipywidgets as W
+from jupyter_bokeh.widgets import BokehModel
+
+from ..config import RunConfig
+from .runner import LiveRunner, RunState, describe_run
+
+__all__ = ["DashboardBase", "bokehjs_loader", "AUX_WEIGHTS"]
+
+AUX_WEIGHTS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # the load-balancing slider: log steps, and 0 (off)
+
+
+_BOKEHJS: W.Output | None = None
+
+
+def bokehjs_loader() -> W.Output:
+    """A hidden Output widget (one per kernel) that loads BokehJS (core + widgets, inline, ≈ 1.6 MB) into the page.
+
+    Why: jupyter_bokeh's ``BokehModel`` view calls ``window.Bokeh.require`` when it is created, and its lab extension
+    does not ship BokehJS. ``output_notebook(INLINE)`` would put megabytes of JS into the cell's outputs (and so
+    into the committed notebook). Here the script lives in the Output widget's state, sent over the widget comm, and
+    a guard skips it when BokehJS is already loaded. It must be displayed *before* the dashboard (two outputs, in
+    order) so that the script has run when the BokehModel view is built.
+    """
+    global _BOKEHJS
+    if _BOKEHJS is None:
+        from bokeh.embed.bundle import bundle_for_objs_and_resources
+        from bokeh.io.notebook import LOAD_MIME_TYPE
+        from bokeh.resources import Resources
+
+        bundle = bundle_for_objs_and_resources(None, Resources(mode="inline", components=["bokeh", "bokeh-widgets"]))
+        sources = json.dumps(bundle.js_raw).replace("</", "<\\/")    # a JS array literal of the sources
+        js = (f"if (typeof window.Bokeh === 'undefined') {{ for (const src of {sources}) {{ "
+              "const s = document.createElement('script'); s.textContent = src; document.head.appendChild(s); } }")
+        _BOKEHJS = W.Output(layout=W.Layout(display="none"))
+        data = {LOAD_MIME_TYPE: js, "application/javascript": js}    # jupyter_bokeh's renderer, else plain JS
+        _BOKEHJS.outputs = ({"output_type": "display_data", "metadata": {}, "data": data},)
+    return _BOKEHJS
+
+
+class DashboardBase:
+    """A live dashboard: widgets → :class:`~moewidgets.config.RunConfig` → :class:`~.runner.LiveRunner` → views.
+
+    Args:
+        config: the starting run (default: the subclass's ``_default_config()``); Reset returns to it.
+        autostart: start training it at once (needs a running event loop, as in a Jupyter kernel).
+
+    Widgets every dashboard has: ``w_experts``, ``w_k``, ``w_aux``, ``w_seed``, ``w_reset``, ``w_stop``,
+    ``w_json`` (the config as JSON), ``w_load`` and ``w_status``; ``widget`` is the whole layout.
+
+    Subclasses set ``views`` (an object with a bokeh ``layout``) and their own state before calling
+    ``super().__init__``, and define ``_build_controls`` (their own widgets), ``_control_rows`` (the rows above
+    the JSON box), ``_set_controls``, ``_sync_enabled``, ``_config_from_widgets``, ``_draw_chunk`` and
+    ``__repr__``; optionally ``_runner_hooks`` (probe callbacks), ``_check_loaded`` and ``_summary_extra``.
+    """
+
+    _describe: ClassVar[Callable[[RunConfig], str]] = staticmethod(describe_run)
+    _reference_of: ClassVar[Callable[[RunConfig], RunConfig | None]] = staticmethod(lambda run: None)
+    _status_timings: ClassVar[bool] = False    # the status line carries the live loop's timings as attributes
+
+    views: Any
+
+    def __init__(self, config: RunConfig | None = None, autostart: bool = True):
+        self._initial = config if config is not None else self._default_config()
+        self._config = self._initial
+        self._syncing = False               # True while code (not the user) sets widget values
+        self.runner = LiveRunner(on_status=self._show_status, on_chunk=self._draw_chunk,
+                                 reference_of=self._reference_of, describe=self._describe, **self._runner_hooks())
+        self._build_widgets()
+        self._set_widgets(self._initial)
+        self._show_status(f"ready: {self._describe(self._initial)}")
+        if autostart:
+            self.runner.request(self._initial, delay=0.0)
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def _default_config(self) -> RunConfig:
+        return RunConfig()
+
+    def _runner_hooks(self) -> dict[str, Any]:
+        """Extra :class:`~.runner.LiveRunner` callbacks (``probe``, ``on_probes``)."""
+        return {}
+
+    def _build_controls(self, wide: dict) -> list[W.Widget]:
+        """Create the chapter's own widgets; return them (each one retrains on change)."""
+        return []
+
+    def _control_rows(self) -> list[W.Widget]:
+        """The rows of controls above the JSON box."""
+        raise NotImplementedError
+
+    def _set_controls(self, run: RunConfig) -> None:
+        """Show ``run`` on the chapter's own widgets (called while syncing)."""
+
+    def _sync_enabled(self) -> None:
+        """Make ranges and enabled states follow the other widgets (called while syncing)."""
+
+    def _config_from_widgets(self) -> RunConfig:
+        raise NotImplementedError
+
+    def _check_loaded(self, run: RunConfig) -> str | None:
+        """A status-line error for a valid config the dashboard cannot show (None: fine)."""
+        return None
+
+    def _draw_chunk(self, st: RunState) -> None:
+        raise NotImplementedError
+
+    def _summary_extra(self) -> str:
+        """Text appended to the status summary before the phase."""
+        return ""
+
+    # -- widgets -------------------------------------------------------------------------------------------------
+    def _build_widgets(self) -> None:
+        wide = {"description_width": "initial"}
+        controls = self._build_controls(wide)
+        self.w_k = W.IntSlider(value=2, min=1, max=8, description="k", style=wide)
+        self.w_experts = W.IntSlider(value=8, min=2, max=16, description="experts E", style=wide)
+        self.w_aux = W.SelectionSlider(options=[(f"{a:g}", a) for a in AUX_WEIGHTS], value=0.0,
+                                       description="balance α", style=wide)
+        self.w_seed = W.IntText(value=0, description="seed", style=wide, layout=W.Layout(width="120px"))
+        self.w_reset = W.Button(description="Reset", tooltip="back to the starting config")
+        self.w_stop = W.Button(description="Stop", tooltip="stop training; the plots stay")
+        self.w_json = W.Textarea(rows=14, layout=W.Layout(width="520px"))
+        self.w_load = W.Button(description="Load", tooltip="train the config in the text box")
+        self.w_status = W.HTML(layout=W.Layout(width="100%"))
+        for w in (*controls, self.w_k, self.w_experts, self.w_aux, self.w_seed):
+            w.observe(self._on_widget, names="value")
+        self.w_reset.on_click(lambda _: self.load(self._initial))
+        self.w_stop.on_click(lambda _: self.runner.stop())
+        self.w_load.on_click(lambda _: self.load_json(self.w_json.value))
+        config_box = W.Accordion(children=[W.VBox([self.w_json, self.w_load])], titles=("config (JSON)",),
+                                 selected_index=None)
+        self.widget = W.VBox([
+            *self._control_rows(),
+            config_box,
+            self.w_status,
+            # combine_events: the page echoes every applied patch back to the kernel; combining them while the
+            # kernel is busy keeps that backlog from delaying slider messages (measured: 1371 echoes per run).
+            BokehModel(self.views.layout, combine_events=True),
+        ])
+
+    def _set_widgets(self, run: RunConfig) -> None:
+        """Show ``run`` on the widgets (ranges widen for values a slider cannot show) without triggering runs."""
+        m = run.model
+        self._syncing = True
+        try:
+            self.w_experts.min, self.w_experts.max = min(2, m.n_experts), max(16, m.n_experts)
+            self.w_experts.value = m.n_experts
+            self.w_k.max = m.n_experts
+            self.w_k.value = m.k
+            self._set_controls(run)
+            values = sorted(set(AUX_WEIGHTS) | {m.aux_weight})
+            self.w_aux.options = [(f"{a:g}", a) for a in values]
+            self.w_aux.value = m.aux_weight
+            self.w_seed.value = m.seed
+            self._sync_enabled()
+            self.w_json.value = run.to_json(indent=1)
+        finally:
+            self._syncing = False
+
+    def _on_widget(self, change) -> None:
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            self._sync_enabled()
+        finally:
+            self._syncing = False
+        try:
+            run = self._config_from_widgets()
+        except ValueError as exc:
+            self.runner.fail(str(exc))
+            return
+        self._start(run)
+
+    def _start(self, run: RunConfig) -> None:
+        self._config = run
+        self._syncing = True
+        try:
+            self.w_json.value = run.to_json(indent=1)
+        finally:
+            self._syncing = False
+        self.runner.request(run)
+
+    def load(self, run: RunConfig) -> None:
+        """Show ``run`` on the widgets and retrain it."""
+        self._set_widgets(run)
+        self._start(run)
+
+    def load_json(self, text: str) -> bool:
+        """Load a RunConfig from JSON text (the Load button). Bad JSON or values → status line error, nothing
+        recomputed, the plots stay. Returns True if it loaded."""
+        try:
+            run = RunConfig.from_json(text)
+        except json.JSONDecodeError as exc:
+            self.runner.fail(f"config JSON is not valid JSON: {exc}")
+            return False
+        except (ValueError, TypeError, AttributeError) as exc:
+            self.runner.fail(f"config JSON: {exc}")
+            return False
+        error = self._check_loaded(run)
+        if error is not None:
+            self.runner.fail(error)
+            return False
+        self.load(run)
+        return True
+
+    # -- status line ---------------------------------------------------------------------------------------------
+    def _show_status(self, text: str) -> None:
+        color = "#b00020" if text.startswith("error") else "#222"
+        st = self.runner.state if self._status_timings and hasattr(self, "runner") else None
+        timing = ""     # the live loop's own timings, as a tooltip and data attributes (the browser test reads them)
+        if st is not None and math.isfinite(st.timings.fire_to_first_redraw_s):
+            first_ms, rate = 1e3 * st.timings.fire_to_first_redraw_s, st.timings.redraws_per_s
+            timing = (f' data-first-redraw-ms="{first_ms:.0f}" data-redraws-per-s="{rate:.1f}" title="first redraw '
+                      f'{first_ms:.0f} ms after the debounce fired · {rate:.1f} redraws/s"')
+        self.w_status.value = (f'<div class="moewidgets-status"{timing} style="font-family: monospace; '
+                               f'color: {color}">{html.escape(text)}</div>')
+
+    # -- accessors -----------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> RunConfig:
+        """The last valid run the widgets asked for."""
+        return self._config
+
+    @property
+    def trainer(self):
+        """The latest run's :class:`~moewidgets.train.Trainer` (None before the first run)."""
+        return self.runner.state.trainer if self.runner.state else None
+
+    @property
+    def status(self) -> str:
+        """The status line as plain text."""
+        return self.runner.status
+
+    def run_sync(self, config: RunConfig | None = None) -> RunState:
+        """Train ``config`` (default: the widgets' run) to the end now, drawing as it goes (tests, scripts)."""
+        if config is not None:
+            self._set_widgets(config)
+            self._config = config
+        return self.runner.run_sync(self._config)
+
+    async def wait(self) -> RunState | None:
+        """Await the live run (and anything queued)."""
+        return await self.runner.wait()
+
+    def stop(self) -> None:
+        """Stop training (the Stop button)."""
+        self.runner.stop()
+
+    def status_summary(self) -> str:
+        """A rounded summary that does not depend on the thread count (for notebook outputs that nbval compares),
+        e.g. 'top-2 of 8 · τ=1 · α=0 · seed 0 — 400/400 steps · final train MSE 0.031 · done'."""
+        st = self.runner.state
+        if st is None:
+            return f"{self._describe(self._config)} — not trained yet"
+        tr = st.trainer
+        loss = tr.history.loss[-1] if tr.history.loss else math.nan
+        text = f"{self._describe(st.run)} — {tr.steps_done}/{tr.cfg.steps} steps · final train MSE {loss:.2g}"
+        text += self._summary_extra()
+        return f"{text} · {st.phase}" if st.phase != "error" else f"{text} · error: {st.error}"
+
+    # -- display -------------------------------------------------------------------------------------------------
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        """The widget view, with this object's short repr as text/plain (the VBox's own repr embeds the
+        BokehModel's document, uuids and all, which nbval could never match)."""
+        bundle = self.widget._repr_mimebundle_()
+        bundle["text/plain"] = repr(self)
+        return bundle
+
+    def _ipython_display_(self) -> None:
+        """Two outputs: the BokehJS loader (a widget view only, no text), then the dashboard (its short repr as
+        text/plain). The loader comes first so BokehJS is in the page before the BokehModel view is built."""
+        from IPython.display import display
+        loader = bokehjs_loader()._repr_mimebundle_()
+        del loader["text/plain"]
+        display(loader, raw=True)
+        display(self._repr_mimebundle_(), raw=True)
