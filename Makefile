@@ -83,7 +83,8 @@ book: install
 	@echo "HTML: book/_build/html/index.html"
 
 bench: install
-	$(PY) -m bench.run
+	$(PY) -m bench.run --threads 1
+	$(PY) -m bench.run --threads 2
 
 reproduce: install
 	$(PY) -m moewidgets reproduce chapter1

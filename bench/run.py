@@ -1,7 +1,7 @@
 """``python -m bench.run``: time the chapter-1 default retrain and probe bundle; write JSON + markdown reports.
 
 Each measurement is repeated; ratios are taken side by side (ours and the reference interleaved in one process, so
-machine drift hits both). Results go to ``bench/results/bench-<device>.json`` and ``bench/results/report.md``.
+machine drift hits both). Results go to ``bench/results/bench-cpu-<threads>t.json`` and ``bench/results/report-cpu-<threads>t.md``.
 
 Targets (``design.md``): chapter-1 default retrain (E=8, k=2, D=32, m=64, batch 256, 400 steps) ≤ 0.5 s, where a
 plain dense-masked loop takes ≈ 0.7 s; the probe bundle at 512 probe points ≤ 0.3 s. The floor of a step is its
@@ -162,9 +162,10 @@ def main(argv=None) -> int:
     results = {"environment": environment(), "retrain": bench_retrain(args.repeats),
                "probes": bench_probes(args.repeats)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench-cpu.json").write_text(json.dumps(results, indent=2))
+    tag = f"cpu-{torch.get_num_threads()}t"       # one report per thread count (the dashboard trains on 1)
+    (RESULTS / f"bench-{tag}.json").write_text(json.dumps(results, indent=2))
     text = report(results)
-    (RESULTS / "report.md").write_text(text)
+    (RESULTS / f"report-{tag}.md").write_text(text)
     print(text)
     return 0
 
