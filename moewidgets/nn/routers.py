@@ -22,7 +22,7 @@ from torch import nn
 from ..balance import switch_aux_loss, z_loss
 from .experts import fan_in_uniform_
 
-__all__ = ["RouterOutput", "SoftmaxRouter", "MPIRouter", "make_router", "select_topk", "mpi_rows",
+__all__ = ["RouterOutput", "route_logits", "SoftmaxRouter", "MPIRouter", "make_router", "select_topk", "mpi_rows",
            "input_side_weights"]
 
 
@@ -66,6 +66,22 @@ def select_topk(probs_TE: torch.Tensor, k: int, gate: str, select_bias_E: torch.
     return gates_TK, idx_TK
 
 
+def route_logits(logits_TE: torch.Tensor, k: int, temperature: float, gate: str, aux_weight: float = 0.0,
+                 z_weight: float = 0.0, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
+    """From router logits to a :class:`RouterOutput`, shared by every logit router (softmax, MPI):
+    ``p = softmax(z / τ)``, top-k selection and gates (:func:`select_topk`), and the weighted balancing losses
+    ``aux_weight · E Σ f_i P_i + z_weight · mean(logsumexp(z)²)``."""
+    scaled_TE = logits_TE / temperature
+    probs_TE = torch.softmax(scaled_TE, dim=-1)
+    gates_TK, idx_TK = select_topk(probs_TE, k, gate, select_bias_E, scaled_TE)
+    aux = logits_TE.new_zeros(())
+    if aux_weight > 0:
+        aux = aux + aux_weight * switch_aux_loss(probs_TE, idx_TK)
+    if z_weight > 0:
+        aux = aux + z_weight * z_loss(logits_TE)
+    return RouterOutput(gates_TK, idx_TK, probs_TE, logits_TE, aux)
+
+
 class SoftmaxRouter(nn.Module):
     """Linear softmax router with temperature and top-k: ``p = softmax((W_r x + b_r) / τ)``.
 
@@ -103,16 +119,8 @@ class SoftmaxRouter(nn.Module):
         return self.w_ED
 
     def forward(self, x_TD: torch.Tensor, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
-        logits_TE = self.logits(x_TD)
-        scaled_TE = logits_TE / self.temperature
-        probs_TE = torch.softmax(scaled_TE, dim=-1)
-        gates_TK, idx_TK = select_topk(probs_TE, self.k, self.gate, select_bias_E, scaled_TE)
-        aux = logits_TE.new_zeros(())
-        if self.aux_weight > 0:
-            aux = aux + self.aux_weight * switch_aux_loss(probs_TE, idx_TK)
-        if self.z_weight > 0:
-            aux = aux + self.z_weight * z_loss(logits_TE)
-        return RouterOutput(gates_TK, idx_TK, probs_TE, logits_TE, aux)
+        return route_logits(self.logits(x_TD), self.k, self.temperature, self.gate, self.aux_weight,
+                            self.z_weight, select_bias_E)
 
 
 def input_side_weights(experts) -> torch.Tensor:
@@ -234,16 +242,8 @@ class MPIRouter(nn.Module):
         if self.frozen_ED is not None and self.training and torch.is_grad_enabled():
             raise RuntimeError("MPIRouter: the precomputed rows are for inference; call router.thaw() before "
                                "training (or model.eval() / torch.no_grad() to infer)")
-        logits_TE = self.logits(x_TD)
-        scaled_TE = logits_TE / self.temperature
-        probs_TE = torch.softmax(scaled_TE, dim=-1)
-        gates_TK, idx_TK = select_topk(probs_TE, self.k, self.gate, select_bias_E, scaled_TE)
-        aux = logits_TE.new_zeros(())
-        if self.aux_weight > 0:
-            aux = aux + self.aux_weight * switch_aux_loss(probs_TE, idx_TK)
-        if self.z_weight > 0:
-            aux = aux + self.z_weight * z_loss(logits_TE)
-        return RouterOutput(gates_TK, idx_TK, probs_TE, logits_TE, aux)
+        return route_logits(self.logits(x_TD), self.k, self.temperature, self.gate, self.aux_weight,
+                            self.z_weight, select_bias_E)
 
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, k={self.k}, C'={self.scale:g} (C={self.row_norm:.3g}), "
