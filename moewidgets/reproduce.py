@@ -15,16 +15,16 @@ Convergence (ours): an arm has converged when, for every seed, its probe MSE aft
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from .config import MoEConfig, RunConfig, TaskConfig, TrainConfig
 from .sweep import Job, read_jsonl, run_jobs, write_jsonl
+from .train import torch_threads
 
 __all__ = ["load_results", "CHAPTER1_ARMS", "chapter1_run", "chapter1_jobs", "chapter1_job", "chapter1_claims", "ClaimResult",
            "claims_table", "pinned_subset", "reproduce", "RESULTS_DIR", "CONVERGENCE_MARGIN", "bootstrap_ci",
@@ -89,23 +89,11 @@ def _probe_metrics(model, data, n_probe: int) -> dict[str, float]:
     return {k: (float(v) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the block with 1 torch thread (the numbers are then the same on every machine of a kind); the previous
-    thread count is restored afterwards, also on error."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def chapter1_job(payload: dict, seed: int) -> dict[str, Any]:
     """One (arm, seed) of chapter 1: probe at init, train, probe again. Runs with 1 torch thread so that the
     numbers are the same on every machine of a kind (restored afterwards)."""
     from .train import Trainer
-    with _one_thread():
+    with torch_threads(1):
         run = RunConfig.from_dict(payload["run"])
         trainer = Trainer.from_config(run)
         data, model = trainer.data, trainer.model
@@ -427,7 +415,7 @@ def chapter4_job(payload: dict, seed: int) -> dict[str, Any]:
     One torch thread (restored afterwards), so the numbers are machine-independent for a kind of machine."""
     from .balance import max_violation
     from .train import Trainer
-    with _one_thread():
+    with torch_threads(1):
         run = RunConfig.from_dict(payload["run"])
         trainer = Trainer.from_config(run)
         data, model = trainer.data, trainer.model
@@ -478,9 +466,7 @@ def chapter4_timing_job(payload: dict, seed: int) -> dict[str, Any]:
     The cost of the power step does not depend on training, so the models are timed at initialisation."""
     import time
     from .models import build_model
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         arms = ("softmax", "mpi", "mpi-10")
         models = {a: build_model(chapter4_run(a, seed).model, 32) for a in arms}
         g = torch.Generator().manual_seed(seed)
@@ -508,8 +494,6 @@ def chapter4_timing_job(payload: dict, seed: int) -> dict[str, Any]:
         out["mpi10_over_mpi"] = float(np.median(np.array(ms["mpi-10"]) / np.array(ms["mpi"])))
         out["_device"] = "cpu"
         return out
-    finally:
-        torch.set_num_threads(threads)
 
 
 def chapter4_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool = True,

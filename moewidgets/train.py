@@ -9,6 +9,7 @@ generator (``build_model``) and the task from another (``make_task``). Same conf
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from .data import TaskData, make_task
 from .models import build_model
 from .trace import RoutingTrace
 
-__all__ = ["History", "Trainer", "NonFiniteLossError", "train", "resolve_device", "trace_model"]
+__all__ = ["History", "Trainer", "NonFiniteLossError", "train", "resolve_device", "trace_model", "torch_threads"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -32,6 +33,28 @@ class NonFiniteLossError(FloatingPointError):
         self.step, self.value = step, value
         super().__init__(f"loss became {value} at step {step}: training stopped, the last good weights are kept "
                          "(try a smaller learning rate or a larger temperature)")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op threads and restore the caller's setting afterwards (``None``: leave
+    it alone). Widget-size models gain nothing from more threads, on a busy 2-core machine two OpenMP threads
+    spin-wait on each other, and with one thread a run's numbers do not depend on the machine's core count; the
+    live dashboards and the claim runs use ``n=1``.
+
+    >>> with torch_threads(1):
+    ...     torch.get_num_threads()
+    1
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -21,7 +21,6 @@ awaits whatever is queued or running. Chapter 1 (book/chapter1.ipynb).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -29,11 +28,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import torch
-
 from ..config import RunConfig
 from ..data import TaskData, make_task
-from ..train import NonFiniteLossError, Trainer
+from ..train import NonFiniteLossError, Trainer, torch_threads
 
 __all__ = ["LiveRunner", "RunState", "RunTimings", "describe_run"]
 
@@ -229,17 +226,18 @@ class LiveRunner:
     def _work(self, run: RunConfig, generation: int) -> Iterator[None]:
         """One run as a generator: build, then per chunk train (model and reference in lockstep), redraw, probe
         when due, yield. It never touches the loop, so :meth:`run_sync` and :meth:`_drive` share it. Each segment
-        between two yields runs under :meth:`_thread_limit`, never across a yield (user code may run there)."""
+        between two yields runs under :func:`~moewidgets.train.torch_threads`, never across a yield (user code
+        may run there)."""
         t_fire = time.perf_counter()
         self.runs_started += 1
-        with self._thread_limit():
+        with torch_threads(self.threads):
             trainer = Trainer.from_config(run, data=self._task_data(run))
             reference = self._reference(run)
         st = RunState(run, generation, trainer, reference, t_fire)
         self.state = st
         chunk, next_probe = 1, self.probe_every      # a one-step first chunk: the first redraw comes quickly
         while True:
-            with self._thread_limit():
+            with torch_threads(self.threads):
                 t0 = time.perf_counter()
                 try:
                     trainer.step(chunk)
@@ -292,23 +290,6 @@ class LiveRunner:
         self.on_probes(st, result)
         st.timings.probe_s.append(time.perf_counter() - t0)
         return True
-
-    @contextlib.contextmanager
-    def _thread_limit(self):
-        """Train with ``threads`` torch intra-op threads, restoring the caller's setting afterwards.
-
-        Why: widget-size steps gain nothing from more threads, and on a busy 2-core machine two OpenMP threads
-        spin-wait on each other (measured: a chapter-1 run took 30 s with 2 threads, 1.8 s with 1). One thread also
-        makes a live run's numbers independent of the user's thread setting."""
-        if self.threads is None:
-            yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
 
     # -- caches --------------------------------------------------------------------------------------------------
     def _task_data(self, run: RunConfig) -> TaskData:
