@@ -10,7 +10,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moewidgets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="run a chapter's claim runs and write book/results/<chapter>.jsonl")
-    rep.add_argument("chapter", choices=["chapter1", "chapter4"])
+    from .reproduce import CHAPTERS
+    rep.add_argument("chapter", choices=sorted(CHAPTERS))
     rep.add_argument("--seeds", type=int, default=5, help="seeds per arm (default 5, the pass rule needs ≥ 5)")
     rep.add_argument("--executor", choices=["serial", "processes"], default="processes",
                      help="serial, or a local process pool with one worker per core (default)")
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.seeds < 1:
         parser.error(f"--seeds={args.seeds} must be >= 1")
-    from .reproduce import chapter1_claims, chapter4_claims, claims_table, load_results, reproduce
+    from .reproduce import claims_table, load_results, reproduce
     from .sweep import process_executor
     t0 = time.perf_counter()
     executor = process_executor(args.workers) if args.executor == "processes" else None
@@ -31,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if executor is not None:
             executor.shutdown()
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
-    claims = {"chapter1": chapter1_claims, "chapter4": chapter4_claims}[args.chapter]
-    print(claims_table(claims(load_results(args.chapter, path.parent))))
+    print(claims_table(CHAPTERS[args.chapter].claims(load_results(args.chapter, path.parent))))
     return 0
 
 

@@ -32,7 +32,9 @@ def switch_aux_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tenso
     1.0
     """
     T, E = probs_TE.shape
-    f_E = torch.bincount(idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype) / idx_TK.numel()
+    # scatter_add rather than bincount: same counts, and it works under torch.func.vmap (seeds at once)
+    ones_S = torch.ones(idx_TK.numel(), dtype=probs_TE.dtype, device=probs_TE.device)
+    f_E = probs_TE.new_zeros(E).scatter_add(0, idx_TK.reshape(-1), ones_S) / idx_TK.numel()
     P_E = probs_TE.mean(0)
     return E * torch.dot(f_E, P_E)
 

@@ -8,7 +8,7 @@ import pytest
 
 MODULES = ["moewidgets.config", "moewidgets.nn.experts", "moewidgets.nn.routers", "moewidgets.nn.layer",
            "moewidgets.models", "moewidgets.balance", "moewidgets.data", "moewidgets.train", "moewidgets.trace",
-           "moewidgets.sweep", "moewidgets.reproduce", "moewidgets.geometry.jacobians", "moewidgets.geometry.spectra",
+           "moewidgets.sweep", "moewidgets.reproduce", "moewidgets.reproduce.common", "moewidgets.geometry.jacobians", "moewidgets.geometry.spectra",
            "moewidgets.geometry.pca", "moewidgets.geometry.alignment", "moewidgets.geometry.probes",
            "moewidgets.geometry.mpi"]
 

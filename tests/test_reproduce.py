@@ -9,6 +9,7 @@ import pytest
 
 import moewidgets
 from moewidgets import reproduce as rp
+from moewidgets.reproduce import common as rc
 from moewidgets.sweep import Job, job_key, read_jsonl, run_jobs, write_jsonl
 
 
@@ -63,7 +64,7 @@ def _fake_rows(diffs, arm_a="top-2", metric="sigma1"):
             m = {metric: val, "probe_mse": 0.01, "target_var": 1.0}
             rows.append({"arm": arm, "seed": s, "metrics": m})
             rows.append({"arm": arm + ":4x", "seed": s, "metrics": {"probe_mse": 0.0099}})
-    return rp._by_arm(rows)
+    return rc._by_arm(rows)
 
 
 @pytest.mark.parametrize("diffs,holds", [
@@ -72,20 +73,20 @@ def _fake_rows(diffs, arm_a="top-2", metric="sigma1"):
     ([-0.1, -0.2, -0.15, -0.1, 0.01], True),       # 4/5 is enough when the CI excludes 0
 ])
 def test_pass_rule(diffs, holds):
-    r = rp._compare(_fake_rows(diffs), "SC-1", "", "sigma1", "top-2", "dense", -1)
+    r = rc._compare(_fake_rows(diffs), "SC-1", "", "sigma1", "top-2", "dense", -1)
     assert r.holds is holds and r.n_seeds == 5 and r.converged
 
 
 def test_convergence_rule_uses_the_stated_margin():
     arms = _fake_rows([-0.1] * 5)
-    assert rp._converged(arms, "top-2")
+    assert rc._converged(arms, "top-2")
     arms["top-2:4x"][0]["probe_mse"] = 0.01 - 2 * rp.CONVERGENCE_MARGIN    # 4× run explains 1 % more variance
-    assert not rp._converged(arms, "top-2")
+    assert not rc._converged(arms, "top-2")
 
 
 def test_committed_rows_cover_every_arm_and_seed():
     rows = rp.load_results("chapter1")
-    arms = rp._by_arm(rows)
+    arms = rc._by_arm(rows)
     for arm in rp.CHAPTER1_ARMS:
         assert sorted(arms[arm]) == list(range(5)) and sorted(arms[arm + ":4x"]) == list(range(5))
     assert all(r["version"] and r["device"] and r["wall_s"] > 0 for r in rows)

@@ -1,0 +1,266 @@
+"""Chapter 4's claim runs (the Manifold Power Iteration router, MPI-a … MPI-i): arms, jobs, verdicts.
+
+``python -m moewidgets reproduce chapter4`` writes ``book/results/chapter4.jsonl``; chapter 4
+(book/chapter4.ipynb) renders :func:`chapter4_claims` from it and re-runs seed 0 of every arm live.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import MoEConfig, RunConfig, TaskConfig, TrainConfig
+from ..sweep import Job
+from ..train import torch_threads
+from .common import PROBE_POINTS, ClaimResult, _by_arm, _compare, _shifted, _versus_constant
+
+__all__ = ["CHAPTER4_ARMS", "CHAPTER4_TRAIN", "chapter4_run", "chapter4_job", "chapter4_timing_job",
+           "chapter4_jobs", "chapter4_claims", "PINNED_METRICS_CH4"]
+
+
+# The arms of chapter 4 (MLP-MoE of chapter 1: E = 8, k = 2, D = 32, m = 64 GELU experts; gate "renorm" as in the
+# official MPI code; Switch aux loss α = 0.01 for every arm, spec §2.11.6; C' = 1): sizes scaled to a CPU (ours).
+CHAPTER4_ARMS: dict[str, dict[str, Any]] = {
+    "softmax": {"router": "softmax"},                       # the plain linear router
+    "mpi": {"router": "mpi"},                               # official: 1 power step, W not detached
+    "mpi-10": {"router": "mpi", "mpi_steps": 10},           # MPI-g: 10 power steps per forward
+    "mpi-detach": {"router": "mpi", "mpi_detach": True},    # MPI-i: stop-gradient into W in the power step
+}
+CHAPTER4_TRAIN = TrainConfig(steps=1000, batch_size=256, lr=1e-2, schedule="cosine", device="cpu")
+CHAPTER4_TRACK_EVERY = 100      # alignment recorded every 100 steps (the trajectories in the chapter)
+
+
+def chapter4_run(arm: str, seed: int, steps_factor: int = 1) -> RunConfig:
+    """The :class:`~moewidgets.config.RunConfig` of one chapter-4 arm and seed (``steps_factor=4``: convergence)."""
+    if arm not in CHAPTER4_ARMS:
+        raise ValueError(f"arm={arm!r} must be one of {list(CHAPTER4_ARMS)}")
+    model = MoEConfig(n_experts=8, k=2, d_model=32, d_hidden=64, gate="renorm", aux_weight=0.01,
+                      seed=seed).replace(**CHAPTER4_ARMS[arm])
+    train = CHAPTER4_TRAIN.replace(steps=CHAPTER4_TRAIN.steps * steps_factor)
+    return RunConfig(model=model, task=TaskConfig(), train=train)
+
+
+def _alignment(model) -> dict[str, float]:
+    """λ, √λ, cos, angle, σ1/σ2 and row norms of the routing rows (softmax: w_ED; MPI: the effective R')."""
+    from ..geometry.mpi import row_alignment
+    from ..nn.routers import input_side_weights
+    layer = model.layer
+    with torch.no_grad():
+        return row_alignment(input_side_weights(layer.experts), layer.router.effective_rows_ED()).summary()
+
+
+def _mpi_exact_checks(model, data, seed: int) -> dict[str, float]:
+    """MPI-a, MPI-b, MPI-e (row norms) and MPI-h (precomputed logits) on one trained MPI model (float64 where
+    the claim is an identity)."""
+    from ..geometry.mpi import power_iterate, riemannian_ascent_step, power_step, top_singular
+    from ..nn.routers import input_side_weights
+    layer, out = model.layer, {}
+    router = layer.router
+    w_EFD = input_side_weights(layer.experts).detach().to(torch.float64)
+    # MPI-a: the retracted Riemannian step equals the power step, on this model's own experts and rows
+    C = router.row_norm
+    r_ED = router.r_ED.detach().to(torch.float64)
+    errs = []
+    for i in range(w_EFD.shape[0]):
+        M = w_EFD[i].T @ w_EFD[i]
+        r = C * r_ED[i] / r_ED[i].norm()
+        errs.append(float((riemannian_ascent_step(r, M, C) - power_step(r, M, C)).abs().max() / C))
+    out["identity_err"] = max(errs)
+    # MPI-b: 200 power steps reach v1 where σ2/σ1 < 0.9; the per-step error ratio is (σ2/σ1)²
+    s_EJ, v1_ED = top_singular(w_EFD)
+    cos_min, rate_err, n = 1.0, 0.0, 0
+    for i in range(w_EFD.shape[0]):
+        ratio = float(s_EJ[i, 1] / s_EJ[i, 0])
+        if ratio >= 0.9:
+            continue
+        n += 1
+        it = power_iterate(r_ED[i], w_EFD[i].T @ w_EFD[i], 1.0, 200)
+        cos = (it @ v1_ED[i]).abs()
+        cos_min = min(cos_min, float(cos[-1]))
+        # the coefficient ratio c2/c1 along the top two right-singular vectors shrinks by exactly (σ2/σ1)² per
+        # step (normalisation cancels); read it while both are above float64 round-off
+        v2_D = torch.linalg.svd(w_EFD[i], full_matrices=False).Vh[1]
+        c1_t, c2_t = (it @ v1_ED[i]).abs(), (it @ v2_D).abs()
+        ok = c2_t > 1e-12 * c1_t
+        step_ratio = (c2_t[1:] / c1_t[1:])[ok[1:] & ok[:-1]] / (c2_t[:-1] / c1_t[:-1])[ok[1:] & ok[:-1]]
+        if len(step_ratio) >= 3:
+            measured = float(step_ratio.median())
+            rate_err = max(rate_err, abs(measured - ratio ** 2) / ratio ** 2)
+    out["power_cos_min"], out["power_rate_err"], out["n_gap_experts"] = cos_min, rate_err, n
+    # MPI-e: every effective row has norm C; MPI-h: precomputed R' gives the training logits
+    with torch.no_grad():
+        rows = router.effective_rows_ED()
+        out["row_norm_err"] = float((rows.norm(dim=1) - C).abs().max() / C)
+        x = data.x_probe[:PROBE_POINTS]
+        z_train = router.logits(x)
+        router.precompute()
+        z_inf = router.logits(x)
+        router.thaw()
+        out["precompute_logit_err"] = float((z_train - z_inf).abs().max() / z_train.abs().max())
+    return out
+
+
+def _maxvio_global(model, data) -> float:
+    from ..balance import expert_counts, max_violation
+    from ..train import trace_model
+    trace = trace_model(model, data.x_probe[:PROBE_POINTS])
+    return max_violation(expert_counts(trace.idx_TK, model.cfg.n_experts))
+
+
+def chapter4_job(payload: dict, seed: int) -> dict[str, Any]:
+    """One (arm, seed) of chapter 4: alignment at init, train (alignment every 100 steps), then the metrics.
+
+    One torch thread (restored afterwards), so the numbers are machine-independent for a kind of machine."""
+    from ..balance import max_violation
+    from ..train import Trainer
+    with torch_threads(1):
+        run = RunConfig.from_dict(payload["run"])
+        trainer = Trainer.from_config(run)
+        data, model = trainer.data, trainer.model
+        converge_only = payload.get("converge_only", False)
+        metrics: dict[str, Any] = {}
+        track = {"step": [], "lam": [], "cos": [], "angle_deg": [], "gap": []}
+
+        def record():
+            a = _alignment(model)
+            track["step"].append(trainer.steps_done)
+            for k in ("lam", "cos", "angle_deg", "gap"):
+                track[k].append(a[k])
+            return a
+
+        if not converge_only:
+            metrics.update({f"init_{k}": v for k, v in record().items()})
+            if run.model.router == "mpi":
+                from ..geometry.mpi import row_alignment
+                from ..nn.routers import input_side_weights
+                with torch.no_grad():
+                    raw = row_alignment(input_side_weights(model.layer.experts), model.layer.router.r_ED)
+                metrics["init_raw_lam"] = float(raw.lam.mean())     # λ of the trained parameter R itself
+        every = CHAPTER4_TRACK_EVERY if not converge_only else run.train.steps
+        while not trainer.done:
+            trainer.step(every)
+            if not converge_only:
+                record()
+        metrics["probe_mse"] = trainer.evaluate()
+        metrics["train_loss_last50"] = trainer.history.last_loss(50)
+        metrics["target_var"] = float(data.y_probe.var())
+        metrics["steps"] = trainer.steps_done
+        metrics["step_ms"] = 1e3 * trainer.wall_s / max(1, trainer.steps_done)
+        if not converge_only:
+            metrics.update(_alignment(model))
+            metrics["maxvio_global"] = _maxvio_global(model, data)
+            metrics["maxvio_batch"] = float(np.mean([max_violation(torch.tensor(ld)) for ld in trainer.history.load]))
+            metrics["track"] = track
+            if run.model.router == "mpi":
+                metrics.update(_mpi_exact_checks(model, data, seed))
+        metrics["_device"] = str(trainer.device)
+        return metrics
+
+
+def chapter4_timing_job(payload: dict, seed: int) -> dict[str, Any]:
+    """MPI-g / MPI-h cost: forward + backward time of one training step (batch ``tokens``) of the softmax, MPI and
+    MPI-10 models of one seed, **interleaved** (round-robin, ``rounds`` × ``steps`` each) in one process and one
+    thread, so machine load hits all three alike. Returns median milliseconds per step and median per-round ratios.
+    The cost of the power step does not depend on training, so the models are timed at initialisation."""
+    import time
+    from ..models import build_model
+    with torch_threads(1):
+        arms = ("softmax", "mpi", "mpi-10")
+        models = {a: build_model(chapter4_run(a, seed).model, 32) for a in arms}
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(payload["tokens"], 32, generator=g) * 3
+        y = torch.randn(payload["tokens"], 32, generator=g)
+
+        def step(m):
+            out = m(x)
+            loss = (out.pred_TO - y).square().mean() + out.aux_loss
+            m.zero_grad(set_to_none=True)
+            loss.backward()
+
+        for m in models.values():
+            for _ in range(10):
+                step(m)
+        ms: dict[str, list[float]] = {a: [] for a in arms}
+        for _ in range(payload["rounds"]):
+            for a in arms:
+                t0 = time.perf_counter()
+                for _ in range(payload["steps"]):
+                    step(models[a])
+                ms[a].append(1e3 * (time.perf_counter() - t0) / payload["steps"])
+        out = {f"{a}_ms": float(np.median(v)) for a, v in ms.items()}
+        out["mpi_over_softmax"] = float(np.median(np.array(ms["mpi"]) / np.array(ms["softmax"])))
+        out["mpi10_over_mpi"] = float(np.median(np.array(ms["mpi-10"]) / np.array(ms["mpi"])))
+        out["_device"] = "cpu"
+        return out
+
+
+def chapter4_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool = True,
+                  timing: bool = True) -> list[Job]:
+    """The chapter-4 claim-run jobs: every arm × seed, plus (``converge``) the 4×-longer convergence runs and
+    (``timing``) one interleaved timing job per seed (:func:`chapter4_timing_job`)."""
+    jobs = []
+    for arm in arms or list(CHAPTER4_ARMS):
+        for seed in range(seeds):
+            jobs.append(Job(arm, "moewidgets.reproduce:chapter4_job", {"run": chapter4_run(arm, seed).to_dict()},
+                            seed))
+            if converge:
+                jobs.append(Job(arm + ":4x", "moewidgets.reproduce:chapter4_job",
+                                {"run": chapter4_run(arm, seed, 4).to_dict(), "converge_only": True}, seed))
+    if timing:
+        for seed in range(seeds):
+            jobs.append(Job("timing", "moewidgets.reproduce:chapter4_timing_job",
+                            {"tokens": 256, "rounds": 30, "steps": 10}, seed))
+    return jobs
+
+
+
+def chapter4_claims(rows: list[dict]) -> list[ClaimResult]:
+    """MPI-a … MPI-i (spec §2.10) from chapter-4 claim-run rows (pass rule and convergence as for chapter 1).
+
+    ``A`` is the arm, ``B`` the comparison arm or a fixed level; ``arm@init`` uses the values at initialisation
+    and ``arm@+0.2`` adds a margin of 0.2 to the comparison arm."""
+    arms = _by_arm(rows)
+    for arm in list(CHAPTER4_ARMS):
+        if arm in arms:
+            arms[arm + "@init"] = {s: {k[5:]: v for k, v in m.items() if k.startswith("init_")}
+                                   for s, m in arms[arm].items()}
+    out = [
+        _versus_constant(arms, "MPI-a", "retracted Riemannian step = power step (float64, rel. error)",
+                         "identity_err", "mpi", 1e-10, -1),
+        _versus_constant(arms, "MPI-b", "200 power steps reach v1 where σ2/σ1 < 0.9: min |cos| > 0.999",
+                         "power_cos_min", "mpi", 0.999, +1),
+        _versus_constant(arms, "MPI-b", "c2/c1 shrinks by (σ2/σ1)² per step (rel. error < 1e-6)",
+                         "power_rate_err", "mpi", 1e-6, -1),
+        _compare(arms, "MPI-c", "at init, λ(R') of MPI > λ(R) of the plain router", "lam", "mpi@init",
+                 "softmax@init", +1),
+        _compare(arms, "MPI-c", "at init, |cos(R', v1)| of MPI > plain router's", "cos", "mpi@init",
+                 "softmax@init", +1),
+        _versus_constant(arms, "MPI-c", "at init, |cos(R', v1)| stays below 0.9 (spec's prediction)", "init_cos",
+                         "mpi", 0.9, -1),
+        _compare(arms, "MPI-d", "trained: λ(R') of MPI ≥ plain λ(R) + 0.2", "lam", "mpi",
+                 _shifted(arms, "softmax", "lam", 0.2), +1),
+        _compare(arms, "MPI-d", "trained: |cos(R', v1)| of MPI > plain router's", "cos", "mpi", "softmax", +1),
+        _versus_constant(arms, "MPI-d", "trained: rows become v1, |cos(R', v1)| > 0.9 (paper's picture)", "cos",
+                         "mpi", 0.9, +1),
+        _versus_constant(arms, "MPI-e", "every effective row has norm C (rel. error < 1e-6)", "row_norm_err", "mpi",
+                         1e-6, -1),
+        _compare(arms, "MPI-e", "MaxVio (global, probe set) lower for MPI", "maxvio_global", "mpi", "softmax", -1),
+        _compare(arms, "MPI-e", "MaxVio (batch, mean over steps) lower for MPI", "maxvio_batch", "mpi", "softmax", -1),
+        _compare(arms, "MPI-f", "probe MSE of MPI < plain router", "probe_mse", "mpi", "softmax", -1),
+        _compare(arms, "MPI-g", "10 power steps: higher probe MSE than 1", "probe_mse", "mpi-10", "mpi", +1),
+        _versus_constant(arms, "MPI-g", "10 power steps cost more per step than 1 (time ratio > 1)",
+                         "mpi10_over_mpi", "timing", 1.0, +1, converged=True),
+        _versus_constant(arms, "MPI-h", "the power step costs time per training step (ratio to softmax > 1)",
+                         "mpi_over_softmax", "timing", 1.0, +1, converged=True),
+        _versus_constant(arms, "MPI-h", "precomputed R' gives the same logits (rel. error < 1e-6)",
+                         "precompute_logit_err", "mpi", 1e-6, -1),
+        _compare(arms, "MPI-i", "detached W (ours): probe MSE differs from official (higher)", "probe_mse",
+                 "mpi-detach", "mpi", +1),
+        _compare(arms, "MPI-i", "detached W (ours): λ(R') differs from official (lower)", "lam", "mpi-detach", "mpi",
+                 -1),
+    ]
+    return out
+
+
+PINNED_METRICS_CH4 = ("probe_mse", "lam", "cos", "gap", "maxvio_global")

@@ -1,0 +1,145 @@
+"""What every chapter's claim runs share: the pass rule, claim results and their table, convergence, results files.
+
+Pass rule (paper-1 spec §1.6): a claim *holds* when the paired per-seed difference has the predicted sign in at
+least 4 of 5 seeds (80 %, rounded up) **and** its 95 % bootstrap CI over seeds excludes 0.
+Convergence (ours): an arm has converged when, for every seed, its probe MSE after N steps is within
+``CONVERGENCE_MARGIN`` × Var(y) of the MSE after 4N steps (the longer run would explain < 0.5 % more variance).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..sweep import read_jsonl
+
+__all__ = ["RESULTS_DIR", "CONVERGENCE_MARGIN", "PROBE_POINTS", "bootstrap_ci", "ClaimResult", "claims_table",
+           "PinnedCheck", "load_results"]
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent.parent / "book" / "results"
+CONVERGENCE_MARGIN = 0.005      # of Var(y): the 4× run may explain at most 0.5 % more variance
+PROBE_POINTS = 1024             # probe points per model (spec: 2,000; ours: 1,024 keeps n_eff ≫ D = 32)
+
+def bootstrap_ci(values: np.ndarray, level: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (deterministic: a seeded numpy generator)."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+@dataclass
+class ClaimResult:
+    """One line of a claims table: ``diff = metric(a) − metric(b)`` per seed, predicted ``sign`` (−1 or +1)."""
+
+    claim: str
+    statement: str
+    metric: str
+    arm_a: str
+    arm_b: str
+    mean_a: float
+    sd_a: float
+    mean_b: float
+    sd_b: float
+    n_sign: int
+    n_seeds: int
+    ci: tuple[float, float]
+    holds: bool
+    converged: bool
+
+
+def _by_arm(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        out.setdefault(r["arm"], {})[r["seed"]] = r["metrics"]
+    return out
+
+
+def _converged(arms: dict[str, dict[int, dict]], arm: str) -> bool:
+    long = arms.get(arm + ":4x", {})
+    base = arms.get(arm, {})
+    if not base or set(long) != set(base):
+        return False
+    return all(base[s]["probe_mse"] - long[s]["probe_mse"] <= CONVERGENCE_MARGIN * base[s]["target_var"]
+               for s in base)
+
+
+def _compare(arms, claim, statement, metric, a, b, sign, metric_b=None) -> ClaimResult:
+    A, B = arms[a], arms[b]
+    seeds = sorted(set(A) & set(B))
+    va = np.array([A[s][metric] for s in seeds])
+    vb = np.array([B[s][metric_b or metric] for s in seeds])
+    d = va - vb
+    n_sign = int(np.sum(np.sign(d) == sign))
+    lo, hi = bootstrap_ci(d)
+    need = math.ceil(0.8 * len(seeds))
+    holds = n_sign >= need and (hi < 0 if sign < 0 else lo > 0)
+    conv = _converged(arms, a.split("@")[0]) and _converged(arms, b.split("@")[0])
+    return ClaimResult(claim, statement, metric if metric_b is None else f"{metric} vs {metric_b}", a, b,
+                       float(va.mean()), float(va.std(ddof=1)) if len(va) > 1 else 0.0,
+                       float(vb.mean()), float(vb.std(ddof=1)) if len(vb) > 1 else 0.0,
+                       n_sign, len(seeds), (lo, hi), bool(holds), conv)
+
+
+
+def _versus_constant(arms, claim: str, statement: str, metric: str, a: str, const: float, sign: int,
+                     converged: bool | None = None) -> ClaimResult:
+    """A claim about one arm against a fixed level: ``diff = metric(a) − const`` per seed, same pass rule.
+    ``converged``: override the convergence check (timings of untrained models: not applicable, shown as yes)."""
+    seeds = sorted(arms[a])
+    va = np.array([arms[a][s][metric] for s in seeds], dtype=float)
+    d = va - const
+    n_sign = int(np.sum(np.sign(d) == sign))
+    lo, hi = bootstrap_ci(d)
+    holds = n_sign >= math.ceil(0.8 * len(seeds)) and (hi < 0 if sign < 0 else lo > 0)
+    return ClaimResult(claim, statement, metric, a, f"{const:g}", float(va.mean()),
+                       float(va.std(ddof=1)) if len(va) > 1 else 0.0, const, 0.0, n_sign, len(seeds), (lo, hi),
+                       bool(holds), _converged(arms, a) if converged is None else converged)
+
+
+def _shifted(arms, arm: str, metric: str, offset: float) -> str:
+    """An ``arm@+offset`` view whose ``metric`` is the arm's plus ``offset`` (a margin in a paired claim)."""
+    name = f"{arm}@{offset:+g}"
+    arms[name] = {s: {metric: m[metric] + offset} for s, m in arms[arm].items()}
+    return name
+
+
+def _fmt(x: float) -> str:
+    return "nan" if not math.isfinite(x) else f"{x:.3g}"
+
+
+def claims_table(results: list[ClaimResult]) -> str:
+    """A fixed-width text table of claim results (3 significant digits; what nbval compares)."""
+    head = ("claim", "statement", "A", "B", "mean±sd A", "mean±sd B", "sign", "95% CI of A−B", "holds", "conv.")
+    lines = []
+    for r in results:
+        lines.append((r.claim, r.statement, r.arm_a, r.arm_b, f"{_fmt(r.mean_a)}±{_fmt(r.sd_a)}",
+                      f"{_fmt(r.mean_b)}±{_fmt(r.sd_b)}", f"{r.n_sign}/{r.n_seeds}",
+                      f"[{_fmt(r.ci[0])}, {_fmt(r.ci[1])}]", "yes" if r.holds else "NO",
+                      "yes" if r.converged else "NO"))
+    widths = [max(len(str(x[i])) for x in [head] + lines) for i in range(len(head))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*l) for l in lines])
+
+
+# ------------------------------------------------------------------------------------------------ pinned subset
+
+@dataclass
+class PinnedCheck:
+    """A live re-run of one committed row: the largest relative deviation over the checked metrics."""
+
+    arm: str
+    seed: int
+    max_rel_dev: float
+    worst_metric: str
+    ok: bool
+
+
+
+def load_results(chapter: str, results_dir: str | Path | None = None) -> list[dict]:
+    """The committed claim-run rows of a chapter."""
+    return read_jsonl(Path(results_dir or RESULTS_DIR) / f"{chapter}.jsonl")
+
