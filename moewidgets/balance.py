@@ -1,4 +1,5 @@
-"""Load balancing and load statistics (chapter 1 uses the aux loss; chapter 3 teaches all three knobs).
+"""Load balancing and load statistics (chapter 1 uses the aux loss; chapter 3 teaches all three knobs and the
+imbalance metrics MaxVio and the std of load fractions).
 
 Shape legend: T tokens, E experts, K top-k.
 
@@ -12,9 +13,12 @@ Shape legend: T tokens, E experts, K top-k.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["switch_aux_loss", "z_loss", "expert_counts", "loss_free_update", "max_violation"]
+__all__ = ["switch_aux_loss", "z_loss", "expert_counts", "loss_free_update", "max_violation", "load_std", "LoadStats",
+           "load_stats", "mean_batch_max_violation"]
 
 
 def expert_counts(idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -54,7 +58,67 @@ def loss_free_update(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) 
 
 
 def max_violation(counts_E: torch.Tensor) -> float:
-    """MaxVio = (max_i c_i − mean c) / mean c: 0 at perfect balance."""
-    counts_E = counts_E.to(torch.float64)
+    """MaxVio = (max_i c_i − mean c) / mean c (Loss-Free Balancing, Eq. 4): 0 at perfect balance, E − 1 when one
+    expert takes everything. Counts or fractions alike; all-zero loads give 0 (nothing to balance).
+
+    >>> max_violation(torch.tensor([3., 1., 0., 0.]))
+    2.0
+    """
+    counts_E = torch.as_tensor(counts_E).to(torch.float64)
     mean = counts_E.mean()
     return float((counts_E.max() - mean) / mean) if mean > 0 else 0.0
+
+
+def load_std(counts_E: torch.Tensor) -> float:
+    """Std of the load fractions ``std_i(c_i / Σ c)`` (population std; 0 at balance; spec §1.8)."""
+    counts_E = torch.as_tensor(counts_E).to(torch.float64)
+    total = counts_E.sum()
+    if total <= 0:
+        return 0.0
+    return float((counts_E / total).std(unbiased=False))
+
+
+@dataclass
+class LoadStats:
+    """Load statistics of one set of routing decisions (chapter 3).
+
+    Fields::
+
+        counts     assignments per expert, (E,)
+        fractions  counts / Σ counts (uniform: 1/E)
+        maxvio     (max − mean) / mean
+        std        std of the fractions
+        dead       experts with no assignment (reported, never divided by)
+    """
+
+    counts: list[float]
+    fractions: list[float]
+    maxvio: float
+    std: float
+    dead: list[int]
+
+
+def load_stats(counts_E: torch.Tensor) -> LoadStats:
+    """MaxVio, the std of load fractions and the dead experts of per-expert assignment counts.
+
+    >>> s = load_stats(torch.tensor([6., 2., 0., 0.]))
+    >>> s.maxvio, s.dead, round(s.std, 4)
+    (2.0, [2, 3], 0.3062)
+    """
+    c_E = torch.as_tensor(counts_E).to(torch.float64)
+    total = float(c_E.sum())
+    frac_E = c_E / total if total > 0 else torch.zeros_like(c_E)
+    return LoadStats(c_E.tolist(), frac_E.tolist(), max_violation(c_E), load_std(c_E),
+                     [int(i) for i in torch.nonzero(c_E == 0).flatten()])
+
+
+def mean_batch_max_violation(loads_SE) -> float:
+    """``MaxVio_batch``: MaxVio of every training batch (rows of ``loads_SE``, e.g. ``History.load``), averaged.
+
+    >>> mean_batch_max_violation([[0.5, 0.5], [1.0, 0.0]])
+    0.5
+    """
+    rows = [r for r in loads_SE if len(r)]
+    if not rows:
+        raise ValueError("loads_SE has no non-empty rows (a dense model has no loads)")
+    return sum(max_violation(torch.tensor(r)) for r in rows) / len(rows)

@@ -23,12 +23,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MoEConfig", "TaskConfig", "TrainConfig", "RunConfig", "ARCHS", "ROUTERS", "EXPERTS", "GATES"]
+__all__ = ["MoEConfig", "TaskConfig", "TrainConfig", "RunConfig", "ARCHS", "ROUTERS", "EXPERTS", "GATES", "KMEANS_MODES"]
 
 ARCHS = ("moe", "dense", "dense_active")   # dense = parameter-matched (hidden E·m), dense_active = k·m
 ROUTERS = ("softmax", "kmeans", "mpi")
 EXPERTS = ("gelu", "swiglu")
 GATES = ("softmax", "renorm")
+KMEANS_MODES = ("ema", "cumulative")
 
 
 def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
@@ -115,6 +116,12 @@ class MoEConfig(_JSONMixin):
     mpi_scale: float = 1.0      # C' (the row norm is C = mpi_scale / √n_experts); choose it so logits are O(1)
     mpi_steps: int = 1          # power steps per forward (the paper and its code: 1)
     mpi_detach: bool = False    # stop the gradient into the expert weights W inside the power step (ablation)
+    # online K-Means router (router="kmeans", chapter 3): cosine scores s_i = x̂·Ĉ_i against running means C_i of
+    # the tokens routed to expert i; no learned parameters. Every ambiguous choice of the paper is a flag (spec §1.7).
+    kmeans_mode: str = "ema"        # "ema": C_i ← (1−β) C_i + β·mean(routed x) | "cumulative": running mean of all
+    kmeans_rate: float = 0.05       # β of the EMA, in (0, 1] (spec: 0.01–0.1 at tiny scale)
+    kmeans_normalize: bool = False  # average x̂ = x/‖x‖ instead of x (spherical k-means)
+    kmeans_detach: bool = False     # detach x inside the scores (gates then send no gradient into x)
 
     def __post_init__(self) -> None:
         c = "MoEConfig"
@@ -132,8 +139,13 @@ class MoEConfig(_JSONMixin):
         _check_choice(c, "arch", self.arch, ARCHS)
         _check_float(c, "mpi_scale", self.mpi_scale, positive=True)
         _check_int(c, "mpi_steps", self.mpi_steps, 1, 100)
-        if not isinstance(self.mpi_detach, bool):
-            _fail(c, "mpi_detach", self.mpi_detach, "True or False")
+        for name in ("mpi_detach", "kmeans_normalize", "kmeans_detach"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(c, name, getattr(self, name), "True or False")
+        _check_choice(c, "kmeans_mode", self.kmeans_mode, KMEANS_MODES)
+        _check_float(c, "kmeans_rate", self.kmeans_rate, positive=True)
+        if self.kmeans_rate > 1:
+            _fail(c, "kmeans_rate", self.kmeans_rate, "in (0, 1] (the EMA rate β)")
 
     @property
     def is_soft(self) -> bool:
@@ -162,6 +174,8 @@ class TaskConfig(_JSONMixin):
     Inputs: a Gaussian mixture of ``n_clusters`` components in R^d, means ``μ_c ~ N(0, cluster_scale² I)``,
     noise ``N(0, I)``. Targets: ``y = T_c(x)``, a per-cluster random 2-layer tanh teacher of width
     ``teacher_width`` (``shared_teacher=True``: one teacher for all clusters, the no-structure control).
+    ``offset > 0`` adds one shared vector μ to every input (targets are computed before the shift, so the task is
+    the same function of ``x − μ``): the anisotropy of real hidden states that chapter 3 needs.
     """
 
     d_in: int = 32              # input width (must equal MoEConfig.d_model)
@@ -171,6 +185,8 @@ class TaskConfig(_JSONMixin):
     noise: float = 1.0          # within-cluster std
     teacher_width: int = 64     # hidden width of each tanh teacher
     shared_teacher: bool = False  # control: one teacher for every cluster
+    offset: float = 0.0         # a shared mean offset μ added to every input, ‖μ‖ = offset · s·√d (chapter 3:
+                                # real residual streams are anisotropic; spec §3 uses ‖μ‖ ≈ 2‖μ_c‖). 0 = none
     n_train: int = 16384        # training points (spec: 50k; ours: 16k is plenty for a 32-d task)
     n_probe: int = 2048         # held-out probe points for geometry (spec: 2k–10k)
 
@@ -180,6 +196,7 @@ class TaskConfig(_JSONMixin):
             _check_int(c, name, getattr(self, name), 1)
         _check_float(c, "cluster_scale", self.cluster_scale, nonneg=True)
         _check_float(c, "noise", self.noise, nonneg=True)
+        _check_float(c, "offset", self.offset, nonneg=True)
         if not isinstance(self.shared_teacher, bool):
             _fail(c, "shared_teacher", self.shared_teacher, "True or False")
 

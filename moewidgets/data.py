@@ -4,7 +4,8 @@ Shape legend: N points, D input width, O output width, C clusters, H teacher hid
 
 Paper-1 spec §1.3.2 (a [PROPOSAL] of ours, sizes scaled to a CPU): inputs from a Gaussian mixture
 ``x = μ_c + noise·ε`` with ``μ_c ~ N(0, s² I)``, targets ``y = T_c(x) = A_c tanh(B_c x + β_c)`` with one random
-tanh teacher per cluster (or one shared teacher, the no-structure control).
+tanh teacher per cluster (or one shared teacher, the no-structure control). Chapter 3 adds a shared offset μ to
+every input (``TaskConfig.offset``), as real residual streams have.
 """
 from __future__ import annotations
 
@@ -66,4 +67,10 @@ def make_task(cfg: TaskConfig = TaskConfig(), seed: int = 0) -> TaskData:
     teachers = (B_CHD, beta_CH, A_COH)
     x_tr, y_tr, c_tr = _draw(cfg, cfg.n_train, means_CD, teachers, g)
     x_pr, y_pr, c_pr = _draw(cfg, cfg.n_probe, means_CD, teachers, g)
+    if cfg.offset > 0:
+        # its own generator, so offset = 0 draws exactly the data of before; targets stay T_c(x − μ)
+        g_mu = torch.Generator().manual_seed(1_000_003 * seed + 29)
+        mu_D = torch.randn(D, generator=g_mu)
+        mu_D = mu_D / mu_D.norm() * cfg.offset * cfg.cluster_scale * D ** 0.5
+        x_tr, x_pr = x_tr + mu_D, x_pr + mu_D
     return TaskData(x_tr, y_tr, c_tr, x_pr, y_pr, c_pr, cfg)

@@ -6,8 +6,9 @@ The router contract (``design.md``): ``router(x_TD, select_bias_E=None) -> Route
 ``idx_TK``, ``probs_TE`` (or ``None``), ``logits_TE`` and ``aux_loss`` (a scalar tensor, already weighted).
 Stateful routers (the K-Means router of chapter 3) also expose ``update(x_TD, out)``, called by the layer after a
 training forward. The layer owns the loss-free selection bias and passes it in as ``select_bias_E``.
-Every router with rows (``SoftmaxRouter``, ``MPIRouter``) exposes ``effective_rows_ED()``: the (E, D) rows its logits
-use, which the chapter-4 alignment metrics (``moewidgets.geometry.mpi``) read.
+Every router exposes ``effective_rows_ED()``: the (E, D) rows its scores use (``SoftmaxRouter``: its weights,
+``MPIRouter``: the power-iterated rows, ``KMeansRouter``: the centroids), which the chapter-3 similarity and the
+chapter-4 alignment metrics read.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from torch import nn
 from ..balance import switch_aux_loss, z_loss
 from .experts import fan_in_uniform_
 
-__all__ = ["RouterOutput", "route_logits", "SoftmaxRouter", "MPIRouter", "make_router", "select_topk", "mpi_rows",
-           "input_side_weights"]
+__all__ = ["RouterOutput", "route_logits", "SoftmaxRouter", "MPIRouter", "KMeansRouter", "make_router", "select_topk",
+           "mpi_rows", "input_side_weights"]
 
 
 @dataclass
@@ -250,6 +251,122 @@ class MPIRouter(nn.Module):
                 f"power_steps={self.power_steps}, detach={self.detach}")
 
 
+class KMeansRouter(nn.Module):
+    """The parameter-free online K-Means router (Ahrac, Hochwald, Geva 2026; spec §1.7, our reference algorithm).
+
+    Each expert keeps a running mean ``C_i`` of the token states routed to it (a buffer, never a parameter).
+    Scores are cosines, and everything after them is the logit routers' path (:func:`route_logits`)::
+
+        s_ti = cos(x_t, C_i) = x̂_t · Ĉ_i                     (T, E), in [−1, 1]
+        p_t  = softmax(s_t / τ);  top-k of p_t (+ the layer's loss-free bias, selection only)
+        g_t  = p of the selected ("softmax") or softmax over the selected s/τ ("renorm", the spec's default)
+
+    After a training forward the layer calls :meth:`update` (no gradient), with X_i the batch tokens routed to i::
+
+        mode "ema":         C_i ← (1 − β) C_i + β · mean(X_i)       (experts with no token this batch keep C_i)
+        mode "cumulative":  C_i ← (n_i C_i + Σ X_i) / (n_i + |X_i|),  n_i ← n_i + |X_i|
+
+    ``normalize=True`` averages x̂ instead of x (spherical k-means). Centroids are initialised on the first training
+    batch with E distinct random tokens of that batch (never zeros: every cosine would be 0 and top-k would send every
+    token to the same experts). Evaluation never changes the state; an uninitialised router refuses to evaluate.
+    The scores carry gradient into x (so into whatever produced x) unless ``detach=True``; ``C`` gets none.
+
+    Args:
+        d_model, n_experts, k, temperature, gate, aux_weight, z_weight: as for :class:`SoftmaxRouter`.
+        mode: "ema" | "cumulative";  rate: β in (0, 1] (EMA only);  normalize, detach: see above.
+        generator: draws the seed of the initialisation (which tokens become the first centroids).
+
+    Buffers: ``centroids_ED`` (E, D), ``counts_E`` (E,) tokens seen per expert (cumulative mode's n; EMA mode counts
+    too, for reporting), ``initialized`` (a 0-d bool).
+
+    >>> r = KMeansRouter(8, 4, k=2, generator=torch.Generator().manual_seed(0))
+    >>> x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    >>> out = r(x); r.update(x, out)              # a training forward initialises, then moves the centroids
+    >>> out.idx_TK.shape, bool(r.initialized), len(list(r.parameters()))
+    (torch.Size([16, 2]), True, 0)
+
+    Chapter 3 (book/chapter3.ipynb).
+    """
+
+    def __init__(self, d_model: int, n_experts: int, k: int, temperature: float = 1.0, gate: str = "softmax",
+                 aux_weight: float = 0.0, z_weight: float = 0.0, mode: str = "ema", rate: float = 0.05,
+                 normalize: bool = False, detach: bool = False, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not 1 <= k <= n_experts:
+            raise ValueError(f"k={k} must be in 1..n_experts={n_experts}")
+        if mode not in ("ema", "cumulative"):
+            raise ValueError(f"mode={mode!r} must be 'ema' or 'cumulative'")
+        if not (isinstance(rate, (int, float)) and 0 < rate <= 1):
+            raise ValueError(f"rate={rate!r} must be in (0, 1] (the EMA rate β)")
+        self.n_experts, self.k, self.temperature, self.gate = n_experts, k, float(temperature), gate
+        self.aux_weight, self.z_weight = float(aux_weight), float(z_weight)
+        self.mode, self.rate, self.normalize, self.detach = mode, float(rate), bool(normalize), bool(detach)
+        # one draw from the model's generator now; the initial tokens are picked from it at the first batch
+        self.init_seed = 0 if generator is None else int(torch.randint(2 ** 31 - 1, (1,), generator=generator))
+        self.register_buffer("centroids_ED", torch.zeros(n_experts, d_model, dtype=dtype))
+        self.register_buffer("counts_E", torch.zeros(n_experts, dtype=dtype))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def effective_rows_ED(self) -> torch.Tensor:
+        """The centroids ``C`` (E, D): the rows the cosine scores use."""
+        return self.centroids_ED
+
+    @torch.no_grad()
+    def init_centroids(self, x_TD: torch.Tensor) -> None:
+        """``C_i ←`` E distinct random tokens of ``x_TD`` (drawn with the router's own seed); resets the counts."""
+        T = x_TD.shape[0]
+        if T < self.n_experts:
+            raise ValueError(f"KMeansRouter: the first training batch has T={T} tokens, initialising needs at least "
+                             f"n_experts={self.n_experts} (one distinct token per centroid)")
+        g = torch.Generator().manual_seed(self.init_seed)
+        pick_E = torch.randperm(T, generator=g)[: self.n_experts].to(x_TD.device)
+        self.centroids_ED.copy_(x_TD.detach()[pick_E])
+        self.counts_E.zero_()
+        self.initialized.fill_(True)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Cosine scores ``s = x̂ Ĉᵀ``, (T, E)."""
+        if self.detach:
+            x_TD = x_TD.detach()
+        return F_.normalize(x_TD, dim=-1) @ F_.normalize(self.centroids_ED, dim=-1).T
+
+    def forward(self, x_TD: torch.Tensor, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
+        if not bool(self.initialized):
+            if not self.training:
+                raise RuntimeError("KMeansRouter: the centroids are not initialised yet; run one training forward "
+                                   "(model.train()) or call router.init_centroids(x_TD) first")
+            self.init_centroids(x_TD)
+        return route_logits(self.logits(x_TD), self.k, self.temperature, self.gate, self.aux_weight,
+                            self.z_weight, select_bias_E)
+
+    @torch.no_grad()
+    def update(self, x_TD: torch.Tensor, out: RouterOutput) -> None:
+        """Move every centroid towards the mean of this batch's tokens routed to it (see the class docstring)."""
+        x_TD = x_TD.detach()
+        if self.normalize:
+            x_TD = F_.normalize(x_TD, dim=-1)
+        T, K = out.idx_TK.shape
+        E, D = self.centroids_ED.shape
+        flat_e = out.idx_TK.reshape(-1)                                        # (T·K,) expert of each slot
+        x_SD = x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D)             # (T·K, D) token of each slot
+        sum_ED = x_TD.new_zeros(E, D).index_add_(0, flat_e, x_SD)
+        n_E = x_TD.new_zeros(E).index_add_(0, flat_e, torch.ones_like(flat_e, dtype=x_TD.dtype))
+        hit_E = n_E > 0                                                        # experts with no token keep C_i
+        if self.mode == "ema":
+            mean_ED = sum_ED / n_E.clamp_min(1).unsqueeze(1)
+            new_ED = (1 - self.rate) * self.centroids_ED + self.rate * mean_ED
+        else:
+            total_E = self.counts_E + n_E
+            new_ED = (self.counts_E.unsqueeze(1) * self.centroids_ED + sum_ED) / total_E.clamp_min(1).unsqueeze(1)
+        self.centroids_ED.copy_(torch.where(hit_E.unsqueeze(1), new_ED, self.centroids_ED))
+        self.counts_E.add_(n_E)
+
+    def extra_repr(self) -> str:
+        return (f"n_experts={self.n_experts}, k={self.k}, mode={self.mode}, rate={self.rate:g}, "
+                f"normalize={self.normalize}, detach={self.detach}")
+
+
 def make_router(cfg, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
                 experts: nn.Module | None = None) -> nn.Module:
     """The router named by ``cfg.router`` for an :class:`~moewidgets.config.MoEConfig`.
@@ -264,6 +381,8 @@ def make_router(cfg, generator: torch.Generator | None = None, dtype: torch.dtyp
             raise ValueError("make_router(router='mpi') needs experts= (the bank whose weights it aligns with)")
         return MPIRouter(experts, cfg.d_model, cfg.n_experts, cfg.k, cfg.temperature, cfg.gate, cfg.aux_weight,
                          cfg.z_weight, cfg.mpi_scale, cfg.mpi_steps, cfg.mpi_detach, generator, dtype)
-    raise NotImplementedError(
-        f"router={cfg.router!r} is not implemented yet (chapter 3 adds 'kmeans'); use router='softmax' or 'mpi'"
-    )
+    if cfg.router == "kmeans":
+        return KMeansRouter(cfg.d_model, cfg.n_experts, cfg.k, cfg.temperature, cfg.gate, cfg.aux_weight,
+                            cfg.z_weight, cfg.kmeans_mode, cfg.kmeans_rate, cfg.kmeans_normalize, cfg.kmeans_detach,
+                            generator, dtype)
+    raise ValueError(f"router={cfg.router!r} must be one of 'softmax', 'kmeans', 'mpi'")
