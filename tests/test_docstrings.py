@@ -10,11 +10,14 @@ MODULES = ["moewidgets.config", "moewidgets.nn.experts", "moewidgets.nn.routers"
            "moewidgets.models", "moewidgets.balance", "moewidgets.data", "moewidgets.train", "moewidgets.trace",
            "moewidgets.sweep", "moewidgets.reproduce", "moewidgets.reproduce.common", "moewidgets.geometry.jacobians", "moewidgets.geometry.spectra",
            "moewidgets.geometry.pca", "moewidgets.geometry.alignment", "moewidgets.geometry.probes",
-           "moewidgets.geometry.mpi", "moewidgets.geometry.coupling", "moewidgets.reproduce.chapter3"]
+           "moewidgets.geometry.mpi", "moewidgets.geometry.coupling", "moewidgets.reproduce.chapter3",
+           "moewidgets.hf.blocks", "moewidgets.hf.capture", "moewidgets.hf.metrics", "moewidgets.hf.probing"]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
+    if name.startswith("moewidgets.hf"):
+        pytest.importorskip("transformers")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS_IN_ENV = {"lab", "book", "test"}
+EXTRAS_IN_ENV = {"lab", "book", "test", "hf"}
 
 
 def _pyproject() -> dict:
@@ -68,7 +68,7 @@ def test_import_is_light():
     code = (
         "import sys, moewidgets\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'ipywidgets', 'bokeh', 'jupyter_bokeh', 'IPython'} or m.startswith('jupyter'))\n"
+        "{'ipywidgets', 'bokeh', 'jupyter_bokeh', 'IPython', 'transformers'} or m.startswith('jupyter'))\n"
         "print('\\n'.join(heavy))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("JPY_")}
