@@ -5,6 +5,8 @@
 #   make book       build the HTML book (notebooks executed) into book/_build/html
 #   make bench      run the benchmarks (bench/)
 #   make reproduce  the claim runs of every chapter (resumable) -> book/results/chapterN.jsonl
+#   make app        serve the chapter dashboards with Voila on 127.0.0.1:8866, one kernel per page load
+#   make figures    retrain the grids of the book's kernel-free figures -> book/_extra/figures/
 #   make clean      remove build outputs and caches (keeps the venv);  make distclean: also the venv
 #
 # Overridable:  VENV=.venv  PYTHON=python3  TORCH_SPEC='torch==2.13.0'  MOEWIDGETS_DATA=/path/to/data
@@ -19,7 +21,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= lab,book,test,hf
+EXTRAS ?= lab,book,test,hf,app
 
 # The data folder (WikiText-2, chapter 2 on): the environment wins, else ../shared/data if it exists.
 ifndef MOEWIDGETS_DATA
@@ -38,10 +40,10 @@ BOOK_BUILD = $(VENV)/bin/jupyter-book build book/ --config jupyter_book_config.y
 # Start of this make invocation, for the wall time that `make test` prints.
 T0 := $(shell date +%s)
 
-.PHONY: help install lab test book bench reproduce clean distclean
+.PHONY: help install lab test book bench reproduce app figures clean distclean
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---------------------------------------------------------------------------------------------
 # Install: torch FIRST (TORCH_SPEC), then the package with the CI pins. Re-runs only when
@@ -83,12 +85,27 @@ book: install
 	@echo "HTML: book/_build/html/index.html"
 
 bench: install
-	$(PY) -m bench.run --threads 1
-	$(PY) -m bench.run --threads 2
+	$(PY) -m bench.run
 
 reproduce: install
 	$(PY) -m moewidgets reproduce chapter1
+	$(PY) -m moewidgets reproduce chapter3
 	$(PY) -m moewidgets reproduce chapter4
+
+# ---------------------------------------------------------------------------------------------
+# Classroom mode (app/README.md): the chapter dashboards as web pages, a fresh kernel per page load. The offline
+# template drops Voila's CDN stylesheet links; a closed page's kernel is culled after APP_CULL_S idle seconds;
+# Voila prints the URL with a fresh token.
+APP_PORT ?= 8866
+APP_IP ?= 127.0.0.1
+APP_CULL_S ?= 600
+app: install
+	JUPYTER_PATH=$(abspath app/.jupyter-path) $(VENV)/bin/voila app --template=offline --no-browser \
+		--Voila.ip=$(APP_IP) --port=$(APP_PORT) --Voila.port_retries=0 --token \
+		--MappingKernelManager.cull_idle_timeout=$(APP_CULL_S) --MappingKernelManager.cull_interval=60
+
+figures: install
+	$(PY) tools/make_static_figures.py
 
 # ---------------------------------------------------------------------------------------------
 clean:

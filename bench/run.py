@@ -1,172 +1,263 @@
-"""``python -m bench.run``: time the chapter-1 default retrain and probe bundle; write JSON + markdown reports.
+"""``python -m bench.run``: every benchmark of the design's speed targets; JSON + markdown reports; the book page.
 
-Each measurement is repeated; ratios are taken side by side (ours and the reference interleaved in one process, so
-machine drift hits both). Results go to ``bench/results/bench-cpu-<threads>t.json`` and ``bench/results/report-cpu-<threads>t.md``.
+Benchmarks (``--only`` picks some; see each module's docstring):
 
-Targets (``design.md``): chapter-1 default retrain (E=8, k=2, D=32, m=64, batch 256, 400 steps) ≤ 0.5 s, where a
-plain dense-masked loop takes ≈ 0.7 s; the probe bundle at 512 probe points ≤ 0.3 s. The floor of a step is its
-FLOPs at ≈ 170 GFLOP/s plus its torch ops at ≈ 4 µs each.
+    retrain     chapter-1 default retrain, ours vs a dense-masked loop           (bench/chapter1.py)
+    probes      chapter-1 probe bundle at 512 probe points                       (bench/chapter1.py)
+    layer       MoE layer forward+backward vs transformers MixtralSparseMoeBlock (bench/layer.py)
+    jacobians   expert Jacobians vs vmap(jacrev) and a per-token autograd loop   (bench/jacobians.py)
+    scaling     our layer's time vs tokens, experts and width; power-law fits    (bench/scaling.py)
+    multiseed   8 seeds trained at once vs one seed                              (bench/multiseed.py, if present)
+
+Every comparison is taken side by side in one process, the candidates interleaved (alternating order) so machine
+drift hits all of them; numbers are medians over repeats with their min–max (``bench/common.py``).
+
+For each thread count (``--threads 1,2``: the dashboards train on one thread) the suite writes
+``<out>/bench-<device>-<N>t.json`` and ``<out>/report-<device>-<N>t.md`` and prints the report; then
+``tools/make_performance_figure.py`` rebuilds the book's Performance page and its offline scaling figure from the
+JSON files. ``--quick`` is a smoke test (2 repeats, short blocks) that writes to a temporary folder, never over the
+committed results. ``--only`` merges into the existing JSON, keeping the other benchmarks' rows.
+
+JSON layout: ``{"environment": {...}, "quick": bool, "benches": {name: {..., "targets": [row, ...], "date", "wall_s",
+"loadavg_1min_after"}}}``; a target row is ``{"bench", "what", "measured", "target", "met", "value"}``
+(:func:`bench.common.target_row`); a benchmark that could not run is ``{"skipped": reason}``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F_
-from torch import nn
 
-import moewidgets as mw
-from moewidgets.geometry import chapter1_probes
+from . import common
+from .common import fmt_ratio, fmt_s, fmt_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GFLOPS_FLOOR = 170e9        # fp32 matmul throughput measured on the 2-core machine (design.md)
-OP_FLOOR_S = 4e-6           # per torch op dispatch
+BENCHES = ("retrain", "probes", "layer", "jacobians", "scaling", "multiseed")
+GPU_NOTE = "GPU: not measured in this session."
+
+# (repeats, min_block_s, jacobian loop points): full run vs --quick smoke test
+FULL = {"repeats": 5, "layer_repeats": 7, "jac_repeats": 3, "min_block_s": 0.02, "loop_points": 8}
+QUICK = {"repeats": 2, "layer_repeats": 2, "jac_repeats": 2, "min_block_s": 0.003, "loop_points": 2}
 
 
-class DenseMaskedLoopMoE(nn.Module):
-    """The reference a user would write first: loop over experts, run each on every token, mask by its gate."""
+def run_multiseed(repeats: int, threads: int, log=print) -> dict:
+    """``bench.multiseed.bench_multiseed(repeats, threads)`` if that module exists, else a skip note.
 
-    def __init__(self, model: mw.MLPMoE):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_TD):
-        layer = self.model.layer
-        routing = layer.route(x_TD)
-        y_TD = torch.zeros_like(x_TD)
-        bank = layer.experts
-        for e in range(layer.n_experts):
-            g_T = (routing.gates_TK * (routing.idx_TK == e)).sum(-1)          # gate of e per token, 0 off-route
-            h_TF = F_.gelu(x_TD @ bank.w_in_EFD[e].T + bank.b_in_EF[e])
-            y_TD = y_TD + g_T[:, None] * (h_TF @ bank.w_out_EDF[e].T + bank.b_out_ED[e])
-        pred = y_TD @ self.model.w_ro_OD.T + self.model.b_ro_O
-        return mw.ModelOutput(pred, routing.aux_loss, routing, y_TD)
-
-    def moe_layers(self):
-        return self.model.moe_layers()
-
-
-def _time(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+    What the report and the book page read from its dict: ``"targets"``, a list of
+    :func:`bench.common.target_row` dicts (they join the targets table); every other scalar field goes into a
+    details table, and every list of dicts into a table of its own.
+    """
+    try:
+        from .multiseed import bench_multiseed
+    except ModuleNotFoundError as err:
+        if err.name not in ("bench.multiseed", f"{__package__}.multiseed"):
+            raise
+        return {"skipped": "bench/multiseed.py is not present (the 8-seeds-at-once benchmark is not in this tree)"}
+    out = bench_multiseed(repeats, threads)
+    log(f"  multiseed done ({len(out.get('targets', []))} target rows)")
     return out
 
 
-def _stats(ts: list[float]) -> dict:
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "n": len(ts)}
+def run_suite(only: tuple[str, ...], quick: bool, device: str, threads: int, log=print) -> dict:
+    """Run the selected benchmarks at the current thread count; ``{name: result dict}``."""
+    from . import chapter1, jacobians, layer, scaling
+    p = QUICK if quick else FULL
+    calls = {
+        "retrain": lambda: chapter1.bench_retrain(p["repeats"], device, log),
+        "probes": lambda: chapter1.bench_probes(p["repeats"], device, log),
+        "layer": lambda: layer.bench_layer(p["layer_repeats"], p["min_block_s"], device, log=log),
+        "jacobians": lambda: jacobians.bench_jacobians(p["jac_repeats"], max(p["min_block_s"], 0.01),
+                                                       p["loop_points"], device, log=log),
+        "scaling": lambda: scaling.bench_scaling(p["repeats"], p["min_block_s"], device, log=log),
+        "multiseed": lambda: run_multiseed(1 if quick else p["repeats"], threads, log),
+    }
+    results = {}
+    for name in only:
+        t0 = time.perf_counter()
+        log(f"[{name}] ({device}, {threads} thread{'s' if threads > 1 else ''})")
+        res = calls[name]()
+        res["wall_s"] = time.perf_counter() - t0
+        res["date"] = time.strftime("%Y-%m-%d %H:%M")
+        if hasattr(os, "getloadavg"):                  # how busy the machine was (other processes inflate times)
+            res["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+        results[name] = res
+        log(f"[{name}] {res['wall_s']:.1f} s")
+    return results
 
 
-def count_ops_per_step(trainer: mw.Trainer) -> int:
-    """Top-level aten ops in one training step (forward, backward, optimiser), counted with the profiler."""
-    from torch.profiler import profile
-    with profile() as prof:
-        trainer.step(1)
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
-               or (e.name.startswith("aten::") and e.cpu_parent is not None
-                   and not e.cpu_parent.name.startswith("aten::")))
+# ----------------------------------------------------------------------------------------------------------- report
+def all_targets(benches: dict) -> list[dict]:
+    """Every target row of every benchmark, in suite order (a skipped benchmark gives one row saying so)."""
+    rows = []
+    for name in BENCHES:
+        res = benches.get(name)
+        if res is None:
+            continue
+        if "skipped" in res:
+            rows.append(common.target_row(name, name, f"not measured: {res['skipped']}", "–", None))
+        rows.extend(res.get("targets", []))
+    return rows
 
 
-def step_flops(cfg: mw.MoEConfig, batch: int, dispatch_tokens: int) -> float:
-    """FLOPs of one step: forward (router, two expert projections on the dispatched tokens, read-out) × 3."""
-    D, F, E = cfg.d_model, cfg.d_hidden, cfg.n_experts
-    fwd = 2 * batch * D * E + 2 * dispatch_tokens * F * D * 2 + 2 * batch * D * D
-    return 3.0 * fwd
+def verdict(met) -> str:
+    return "met" if met is True else "missed" if met is False else "–"
 
 
-def bench_retrain(repeats: int) -> dict:
-    run = mw.RunConfig()           # the chapter-1 default retrain
-    cfg = run.model
-
-    def fresh(kind):
-        model = mw.build_model(cfg)
-        if kind == "dense-masked loop":
-            model = DenseMaskedLoopMoE(model)
-        return mw.Trainer.from_config(run, model=model)
-
-    times = {"ours": [], "dense-masked loop": []}
-    for _ in range(repeats):                      # interleaved: drift hits both
-        for kind in times:
-            tr = fresh(kind)
-            t0 = time.perf_counter()
-            tr.step(run.train.steps)
-            times[kind].append(time.perf_counter() - t0)
-    tr = fresh("ours")
-    tr.step(5)
-    ops = count_ops_per_step(tr)
-    disp = mw.nn.choose_dispatch(run.train.batch_size, cfg.n_experts, cfg.k, cfg.d_model, cfg.d_hidden)
-    dispatched = run.train.batch_size * (cfg.k if disp == "gather" else cfg.n_experts)
-    flops = step_flops(cfg, run.train.batch_size, dispatched) * run.train.steps
-    floor = flops / GFLOPS_FLOOR + ops * run.train.steps * OP_FLOOR_S
-    ours = _stats(times["ours"])
-    ref = _stats(times["dense-masked loop"])
-    ratios = [b / a for a, b in zip(times["ours"], times["dense-masked loop"])]
-    return {"what": "chapter-1 default retrain (E=8, k=2, D=32, m=64, batch 256, 400 steps)",
-            "target_s": 0.5, "ours": ours, "reference": ref, "reference_name": "dense-masked loop",
-            "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-            "dispatch": disp, "ops_per_step": ops, "flops": flops, "floor_s": floor,
-            "ratio_to_floor": ours["median_s"] / floor}
+def _cell(x) -> str:
+    return str(x).replace("|", "/").replace("\n", " ")
 
 
-def bench_probes(repeats: int) -> dict:
-    run = mw.RunConfig()
-    tr = mw.Trainer.from_config(run)
-    tr.step(run.train.steps)
-    x = tr.data.x_probe[:512]
-    trace = mw.trace_model(tr.model, x)
-    chapter1_probes(tr.model.layer.experts, trace)             # warm-up
-    ts = _time(lambda: chapter1_probes(tr.model.layer.experts, mw.trace_model(tr.model, x)), repeats)
-    return {"what": "chapter-1 probe bundle at 512 probe points (trace, Jacobians, spectra, PCA, alignment)",
-            "target_s": 0.3, "ours": _stats(ts)}
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows])
 
 
-def environment() -> dict:
-    return {"torch": torch.__version__, "moewidgets": mw.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "device": "cpu", "machine": platform.machine(),
-            "processor": platform.processor() or "unknown", "date": time.strftime("%Y-%m-%d %H:%M")}
+def environment_lines(env: dict) -> list[str]:
+    keys = ("date", "device", "threads", "cpu", "cpu_count", "loadavg_1min_at_start", "torch", "transformers",
+            "numpy", "python", "moewidgets", "commit", "gpu", "cuda")
+    return _table(["environment", "value"], [[k, env[k]] for k in keys if k in env])
 
 
 def report(results: dict) -> str:
-    env = results["environment"]
-    lines = [f"# Benchmarks ({env['date']}, {env['device']}, torch {env['torch']}, {env['threads']} threads)", "",
-             "| what | ours median (min–max) | reference | target | verdict |", "|---|---|---|---|---|"]
-    r = results["retrain"]
-    o, ref = r["ours"], r["reference"]
-    lines.append(f"| {r['what']} | {o['median_s']:.3f} s ({o['min_s']:.3f}–{o['max_s']:.3f}) | "
-                 f"{r['reference_name']}: {ref['median_s']:.3f} s; ours is {r['speedup_median']:.2f}× faster "
-                 f"({r['speedup_min']:.2f}–{r['speedup_max']:.2f}) | ≤ {r['target_s']} s | "
-                 f"{'met' if o['median_s'] <= r['target_s'] else 'missed'} |")
-    p = results["probes"]
-    o = p["ours"]
-    lines.append(f"| {p['what']} | {o['median_s']:.3f} s ({o['min_s']:.3f}–{o['max_s']:.3f}) | – | "
-                 f"≤ {p['target_s']} s | {'met' if o['median_s'] <= p['target_s'] else 'missed'} |")
-    lines += ["", f"Retrain floor: {r['flops'] / 1e9:.2f} GFLOP at 170 GFLOP/s + {r['ops_per_step']} ops/step × 4 µs "
-              f"= {r['floor_s']:.3f} s; ours is {r['ratio_to_floor']:.1f}× the floor (dispatch: {r['dispatch']})."]
+    """The markdown report of one (device, threads) run."""
+    env, benches = results["environment"], results["benches"]
+    lines = [f"# Benchmarks: {env['device']}, {env['threads']} thread(s), {env['date']}", ""]
+    if results.get("quick"):
+        lines += ["**Smoke test (--quick): 2 repeats, short blocks; not a measurement.**", ""]
+    lines += environment_lines(env) + ["", GPU_NOTE if env["device"] == "cpu" else "", "", "## Targets", ""]
+    lines += _table(["bench", "what", "measured: median (min–max)", "target", "verdict"],
+                    [[t["bench"], t["what"], t["measured"], t["target"], verdict(t["met"])]
+                     for t in all_targets(benches)])
+    lay = benches.get("layer")
+    if lay and "points" in lay:
+        lines += ["", "## MoE layer forward+backward vs transformers (transformers " + lay["transformers"] + ")", "",
+                  lay["what"] + ". Floor = useful FLOPs at 170 GFLOP/s + each implementation's ops × 4 µs.", ""]
+        lines += _table(["T", "D", "E", "k", "dispatch", "ours", "transformers", "speedup", "ours × floor",
+                         "transformers × floor", "ops ours / transformers", "max abs diff y, dx, dW"],
+                        [[p["T"], p["D"], p["E"], p["K"], p["dispatch"], fmt_stats(p["ours"]),
+                          fmt_stats(p["transformers"]), fmt_ratio(p["speedup"]),
+                          f"{p['ours'].get('x_floor', float('nan')):.1f}",
+                          f"{p['transformers'].get('x_floor', float('nan')):.1f}",
+                          f"{p['ops']['ours']} / {p['ops']['transformers']}",
+                          f"{p['match']['max_abs_dy']:.1e}, {p['match']['max_abs_dx']:.1e}, "
+                          f"{p['match']['max_abs_dw']:.1e}"] for p in lay["points"]])
+    jac = benches.get("jacobians")
+    if jac and "rows" in jac:
+        lines += ["", "## Expert Jacobians", "", jac["what"] + ". The loop is timed on a subset of the points and "
+                  "scaled to all of them (its cost per token is constant).", ""]
+        lines += _table(["expert", "E, N, D, F", "ours", "vmap(jacrev)", "autograd loop (scaled)", "loop points timed",
+                         "vs vmap(jacrev)", "vs loop", "max abs err vs vmap / loop"],
+                        [[r["activation"], f"{r['E']}, {r['N']}, {r['D']}, {r['F']}", fmt_stats(r["ours"]),
+                          fmt_stats(r["vmap(jacrev)"]), fmt_stats(r["autograd loop"]), r["loop_points_timed"],
+                          fmt_ratio(r["speedup"]["vmap(jacrev)"]), fmt_ratio(r["speedup"]["autograd loop"]),
+                          f"{r['max_abs_err_vs_vmap']:.1e} / {r['max_abs_err_vs_loop']:.1e}"] for r in jac["rows"]])
+    sc = benches.get("scaling")
+    if sc and "sweeps" in sc:
+        lines += ["", "## Scaling of our layer", "", sc["what"] + ". Fit: time ≈ c · x^b (log-log least squares).", ""]
+        rows = []
+        for name, sw in sc["sweeps"].items():
+            pts = sw["points"]
+            rows.append([name, sw["axis"], ", ".join(str(p[sw["axis"]]) for p in pts),
+                         ", ".join(f"{p['ours']['median_s'] * 1e3:.2f}" for p in pts),
+                         ", ".join(p["dispatch"] for p in pts),
+                         f"{sw['fit']['exponent']:.2f} (R² {sw['fit']['r2']:.3f})",
+                         f"{sw['floor_fit']['exponent']:.2f}" if "floor_fit" in sw else "–"])
+        lines += _table(["sweep", "axis", "values", "median ms", "dispatch", "exponent b", "floor's exponent"], rows)
+    ret = benches.get("retrain")
+    if ret and "floor_s" in ret:
+        lines += ["", "## Chapter-1 retrain floor", "",
+                  f"{ret['flops'] / 1e9:.2f} GFLOP at 170 GFLOP/s + {ret['ops_per_step']} ops/step × "
+                  f"{ret['steps']} steps × 4 µs = {ret['floor_s']:.3f} s; ours is {ret['x_floor']:.1f}× the floor "
+                  f"(dispatch: {ret['dispatch']})."]
+    ms = benches.get("multiseed")
+    if ms and "skipped" not in ms:
+        lines += ["", "## 8 seeds at once (bench/multiseed.py)", ""]
+        scalars = [[k, f"{v:.4g}" if isinstance(v, float) else v] for k, v in ms.items()
+                   if isinstance(v, (int, float, str)) and k not in ("date", "wall_s", "loadavg_1min_after")]
+        lines += _table(["field", "value"], scalars)
+        for key, val in ms.items():
+            if key != "targets" and isinstance(val, list) and val and isinstance(val[0], dict):
+                cols = list(val[0])
+                lines += ["", f"{key}:", ""] + _table(cols, [[r.get(c, "") for c in cols] for r in val])
+    lines += ["", "## Runs", "", "When each benchmark ran (`--only` keeps earlier rows), its wall time, and the "
+              "1-minute load average after it (other processes inflate times).", ""]
+    lines += _table(["bench", "date", "wall time", "load average after"],
+                    [[name, b.get("date", "–"), fmt_s(b["wall_s"]) if "wall_s" in b else "–",
+                      b.get("loadavg_1min_after", "–")] for name, b in benches.items()])
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------------------- main
+def _parse_only(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in BENCHES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--only {text!r}: unknown benchmark(s) {bad}; allowed: {', '.join(BENCHES)}")
+    return names
+
+
+def _parse_threads(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"--threads {text!r} must be positive integers separated by commas, e.g. 1,2")
+    return vals
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=_parse_threads, default=(1, 2),
+                    help="torch thread counts, comma separated (default 1,2); one report per count")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2 repeats, short blocks, temporary output")
+    ap.add_argument("--only", type=_parse_only, default=BENCHES,
+                    help=f"comma-separated subset of {', '.join(BENCHES)}")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default bench/results; with --quick a temporary folder)")
+    ap.add_argument("--no-book", action="store_true", help="do not rebuild the book's Performance page and figure")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results = {"environment": environment(), "retrain": bench_retrain(args.repeats),
-               "probes": bench_probes(args.repeats)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = f"cpu-{torch.get_num_threads()}t"       # one report per thread count (the dashboard trains on 1)
-    (RESULTS / f"bench-{tag}.json").write_text(json.dumps(results, indent=2))
-    text = report(results)
-    (RESULTS / f"report-{tag}.md").write_text(text)
-    print(text)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False on this machine (torch "
+                 f"{torch.__version__}); use --device cpu")
+    out = args.out or (Path(tempfile.gettempdir()) / "moewidgets-bench-quick" if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    before = torch.get_num_threads()
+    t_all = time.perf_counter()
+    try:
+        for n in args.threads:
+            torch.set_num_threads(n)
+            tag = f"{args.device}-{n}t"
+            path = out / f"bench-{tag}.json"
+            old = json.loads(path.read_text()) if path.exists() and set(args.only) != set(BENCHES) else {}
+            env = common.environment(args.device)
+            benches = run_suite(args.only, args.quick, args.device, n)
+            merged = {**old.get("benches", {}), **benches}
+            results = {"environment": env, "quick": args.quick, "benches": {k: merged[k] for k in BENCHES
+                                                                            if k in merged}}
+            path.write_text(json.dumps(results, indent=1) + "\n")
+            text = report(results)
+            (out / f"report-{tag}.md").write_text(text)
+            print(text, flush=True)
+    finally:
+        torch.set_num_threads(before)
+    print(f"total {time.perf_counter() - t_all:.1f} s; results in {out}")
+    if not args.no_book:
+        sys.path.insert(0, str(common.REPO / "tools"))
+        import make_performance_figure as page
+        if out.resolve() == RESULTS.resolve():
+            written = page.build(RESULTS)
+        else:                       # a smoke test builds its page next to its results, never into book/
+            written = page.build(out, md_path=out / "performance.md", html_path=out / "performance-scaling.html")
+        print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

@@ -181,6 +181,10 @@ dash"""))
 cells.append(code(r"""await dash.wait()              # the first run, to its last step
 print(dash.status_summary())"""))
 
+cells.append(md(r"""**Without a kernel** (the built HTML book): the same views, precomputed over a grid of C' and the balancing weight α by `make figures` (each point trained as the dashboard would); the sliders below pick a grid point.
+
+<iframe src="figures/chapter4.html" title="Router-row alignment over C' × balancing α (precomputed)" width="100%" height="440" style="border: 0;" loading="lazy"></iframe>"""))
+
 cells.append(md(r"""## The claims, over 5 seeds
 
 The table is rendered from `book/results/chapter4.jsonl`, written by

@@ -1,0 +1,326 @@
+"""Interactive figures without a kernel: results precomputed on a grid of two slider values, drawn by the
+dashboards' own views (:mod:`moewidgets.views`), and one self-contained HTML page whose bokeh sliders swap the
+plotted data in the browser (a ``CustomJS`` callback, BokehJS inline: it works offline, from ``file://`` too).
+
+How it works. A grid maps each key ``(a, b)`` (a value of the first slider, a value of the second) to one data dict
+per plotted source. Every grid point becomes an *unplotted* ``ColumnDataSource`` per plotted source, kept in a table
+in row-major order (index ``i·n_b + j`` for the i-th value of the first slider and the j-th of the second). The two
+sliders are ``CategoricalSlider`` widgets whose categories are the grid values' labels (so uneven values such as
+τ = 0.1, 0.3, 1, 3, 10 sit at even steps); on a change the callback looks the two labels up and assigns a shallow
+copy of that grid point's data to each plotted source (and its caption to the caption ``Div``). Nothing is
+interpolated: only the computed points can be shown, and the live dashboard retrains anything in between.
+
+Shape legend: E experts, J singular-value index, S recorded steps.
+
+Data flows one way: the grid data (JSON, written by ``tools/make_static_figures.py``) → the chapter's figure
+(:func:`chapter1_static_figure`, :func:`chapter4_static_figure`) → :func:`static_grid_html` → the book's
+``_extra/figures/chapterN.html``, shown in the chapter through an ``<iframe>``.
+
+>>> from bokeh.models import ColumnDataSource
+>>> from bokeh.plotting import figure
+>>> src = ColumnDataSource(dict(x=[], y=[]))
+>>> fig = figure(width=200, height=150)
+>>> _ = fig.line("x", "y", source=src)
+>>> axes = (GridAxis("a", "a", (1, 2)), GridAxis("b", "b", (0.5, 5.0)))
+>>> grid = {(a, b): {"line": dict(x=[0, 1], y=[a, b])} for a in (1, 2) for b in (0.5, 5.0)}
+>>> sg = static_grid_figure(grid, axes, fig, {"line": src}, initial=(2, 0.5))
+>>> [s.categories for s in sg.sliders], src.data["y"], sg.table["line"][3].data["y"]
+([['1', '2'], ['0.5', '5']], [2, 0.5], [2, 5.0])
+
+Chapters 1 and 4 (book/chapter1.ipynb, book/chapter4.ipynb) embed the pages these functions write.
+"""
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from bokeh.embed import file_html
+from bokeh.layouts import column, gridplot, row
+from bokeh.models import CategoricalSlider, ColumnDataSource, CustomJS, Div
+from bokeh.resources import INLINE
+
+from . import views as V
+
+__all__ = ["GridAxis", "StaticGridFigure", "static_grid_figure", "static_grid_html", "source_data",
+           "chapter1_static_figure", "chapter4_static_figure", "STATIC_FIGURES"]
+
+# The callback: the two slider labels → the grid index → one new data dict per plotted source (a shallow copy, so
+# a later swap never aliases a table source) and the caption. Row-major: index = i * n_b + j.
+_SWAP_JS = """
+const i = slider_a.categories.indexOf(slider_a.value);
+const j = slider_b.categories.indexOf(slider_b.value);
+if (i < 0 || j < 0) { return; }
+const n = i * slider_b.categories.length + j;
+for (const [name, target] of Object.entries(targets)) {
+  target.data = {...table[name][n].data};
+}
+if (caption !== null) { caption.text = captions[n]; }
+"""
+
+
+@dataclass(frozen=True)
+class GridAxis:
+    """One slider of a static grid.
+
+    Args:
+        name: the config field the slider stands for (``"k"``, ``"temperature"``, ``"mpi_scale"``, ...).
+        title: the slider's title.
+        values: the grid values, in slider order (at least 2, distinct).
+        labels: how each value is shown on the slider (default ``f"{v:g}"``); distinct, one per value.
+
+    >>> GridAxis("temperature", "τ", (0.1, 1.0, 10.0)).labels
+    ('0.1', '1', '10')
+    """
+
+    name: str
+    title: str
+    values: tuple
+    labels: tuple = ()
+
+    def __post_init__(self) -> None:
+        values = tuple(self.values)
+        if len(values) < 2 or len(set(values)) != len(values):
+            raise ValueError(f"GridAxis {self.name!r}: values={values} must be at least 2 distinct values")
+        labels = tuple(self.labels) if self.labels else tuple(f"{v:g}" for v in values)
+        if len(labels) != len(values) or len(set(labels)) != len(labels):
+            raise ValueError(f"GridAxis {self.name!r}: labels={labels} must be {len(values)} distinct strings, "
+                             f"one per value in {values}")
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "labels", labels)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (``GridAxis(**d)`` reads it back)."""
+        return dict(name=self.name, title=self.title, values=list(self.values), labels=list(self.labels))
+
+
+@dataclass
+class StaticGridFigure:
+    """A grid of precomputed results behind two bokeh sliders (module docstring).
+
+    Fields::
+
+        layout    the bokeh layout: the two sliders, the caption Div, the figures
+        axes      the two GridAxis (first slider, second slider)
+        sliders   the two CategoricalSlider widgets (categories = the axes' labels)
+        sources   the plotted ColumnDataSources, by name (what the callback assigns to)
+        table     per name, one unplotted ColumnDataSource per grid point, row-major over keys
+        keys      the grid keys (a, b), row-major: keys[i * len(axes[1].values) + j]
+        captions  one caption text per grid point (row-major), or [] without a caption
+        caption   the caption Div (None without captions)
+        callback  the CustomJS run on either slider's change
+    """
+
+    layout: Any
+    axes: tuple[GridAxis, GridAxis]
+    sliders: tuple[CategoricalSlider, CategoricalSlider]
+    sources: dict[str, ColumnDataSource]
+    table: dict[str, list[ColumnDataSource]]
+    keys: list[tuple]
+    captions: list[str] = field(default_factory=list)
+    caption: Div | None = None
+    callback: CustomJS | None = None
+
+    def index(self, key: tuple) -> int:
+        """The row-major table index of a grid key (what the callback computes from the slider labels)."""
+        i, j = self.axes[0].values.index(key[0]), self.axes[1].values.index(key[1])
+        return i * len(self.axes[1].values) + j
+
+
+def source_data(source: ColumnDataSource) -> dict:
+    """A plain-dict snapshot of a source's columns (each column as stored: a list, an array, a list of arrays).
+
+    >>> source_data(ColumnDataSource(dict(x=[1, 2])))
+    {'x': [1, 2]}
+    """
+    return {name: col for name, col in source.data.items()}
+
+
+def _compact(columns: Mapping[str, Any]) -> dict:
+    """float64 arrays (and lists of them, multi_line rows) → float32: half the bytes in the page, and 7 significant
+    digits are more than a plot shows."""
+    def f32(col):
+        if isinstance(col, np.ndarray) and col.dtype == np.float64:
+            return col.astype(np.float32)
+        if isinstance(col, list) and col and all(isinstance(c, np.ndarray) for c in col):
+            return [f32(c) for c in col]
+        return col
+    return {name: f32(col) for name, col in columns.items()}
+
+
+def static_grid_figure(grid: Mapping[tuple, Mapping[str, Mapping[str, Any]]], axes: Sequence[GridAxis], body,
+                       sources: Mapping[str, ColumnDataSource], captions: Mapping[tuple, str] | None = None,
+                       initial: tuple | None = None, footer: str | None = None,
+                       slider_width: int = 310) -> StaticGridFigure:
+    """Put a grid of precomputed source data behind two sliders.
+
+    Args:
+        grid: ``{(a, b): {source name: {column: values}}}`` for every a in ``axes[0].values`` and b in
+            ``axes[1].values`` (no key missing, none extra); every point gives data for every name in ``sources``.
+        axes: the two sliders (:class:`GridAxis`).
+        body: the bokeh figure or layout that plots ``sources``.
+        sources: the plotted sources, by name; their data is replaced by the ``initial`` point's.
+            float64 arrays are stored as float32 (half the page size).
+        captions: one caption text (HTML) per key, shown in a Div above ``body``, or None.
+        initial: the key shown first (default: the first key).
+        footer: a fixed text (HTML) below ``body`` (what was computed, and how), or None.
+        slider_width: each slider's width in pixels; the caption and footer span both sliders.
+
+    Returns a :class:`StaticGridFigure`; :func:`static_grid_html` writes it as one page. Validation happens before
+    any bokeh object is made.
+    """
+    if len(axes) != 2:
+        raise ValueError(f"axes has {len(axes)} entries: a static grid has exactly 2 sliders")
+    a_ax, b_ax = axes
+    if not sources:
+        raise ValueError("sources is empty: give at least one plotted ColumnDataSource")
+    keys = list(product(a_ax.values, b_ax.values))
+    missing = [k for k in keys if k not in grid]
+    extra = [k for k in grid if k not in set(keys)]
+    if missing or extra:
+        raise ValueError(f"grid keys must be every ({a_ax.name}, {b_ax.name}) pair of {a_ax.values} × {b_ax.values}:"
+                         f" missing {missing[:4]}, unexpected {extra[:4]}")
+    for k in keys:
+        if set(grid[k]) != set(sources):
+            raise ValueError(f"grid[{k}] has sources {sorted(grid[k])}; expected {sorted(sources)}")
+    if captions is not None and any(k not in captions for k in keys):
+        raise ValueError(f"captions must have a text for every grid key: missing "
+                         f"{[k for k in keys if k not in captions][:4]}")
+    initial = keys[0] if initial is None else tuple(initial)
+    if initial not in grid:
+        raise ValueError(f"initial={initial} is not a grid key; keys are {keys}")
+
+    table = {name: [ColumnDataSource(_compact(grid[k][name]), name=f"{name}[{a_ax.name}={la},{b_ax.name}={lb}]")
+                    for k, (la, lb) in zip(keys, product(a_ax.labels, b_ax.labels))] for name in sources}
+    for name, src in sources.items():
+        src.data = _compact(grid[initial][name])
+    sliders = tuple(CategoricalSlider(categories=list(ax.labels), value=ax.labels[ax.values.index(v)],
+                                      title=ax.title, width=slider_width, name=f"slider:{ax.name}")
+                    for ax, v in zip(axes, initial))
+    texts = [captions[k] for k in keys] if captions is not None else []
+    caption = V.build_caption(captions[initial]) if captions is not None else None
+    notes = V.build_caption(footer) if footer is not None else None
+    for div in filter(None, (caption, notes)):
+        div.width = 2 * slider_width
+    callback = CustomJS(args=dict(slider_a=sliders[0], slider_b=sliders[1], targets=dict(sources), table=table,
+                                  captions=texts, caption=caption), code=_SWAP_JS)
+    for s in sliders:
+        s.js_on_change("value", callback)
+    parts = [row(*sliders), *filter(None, (caption, body, notes))]
+    return StaticGridFigure(column(*parts), (a_ax, b_ax), sliders, dict(sources), table, keys, texts, caption,
+                            callback)
+
+
+def static_grid_html(fig: StaticGridFigure, title: str) -> str:
+    """The figure as one self-contained HTML page: BokehJS (core + widgets) inline, no external script or style,
+    so it renders offline and inside an ``<iframe>`` of the built book (≈ 1.7 MB, almost all of it BokehJS)."""
+    return file_html(fig.layout, resources=INLINE, title=title)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chapters' figures, from the grid data that tools/make_static_figures.py writes (JSON-ready dicts).
+#
+# Common fields: "axes" (two GridAxis dicts), "initial" (the key shown first), "points" (one record per key, with
+# the axes' names as fields), "runs" and "config" (what was trained, for the caption).
+
+def _axes(data: Mapping) -> tuple[GridAxis, GridAxis]:
+    if len(data.get("axes", ())) != 2:
+        raise ValueError(f"data['axes'] must hold 2 axes, got {data.get('axes')!r}")
+    return tuple(GridAxis(**{**a, "values": tuple(a["values"]), "labels": tuple(a.get("labels", ()))})
+                 for a in data["axes"])
+
+
+def _points(data: Mapping, axes: tuple[GridAxis, GridAxis]) -> dict[tuple, Mapping]:
+    return {(p[axes[0].name], p[axes[1].name]): p for p in data["points"]}
+
+
+def _nan(x) -> np.ndarray:
+    """JSON null → NaN (a dead expert's per-expert numbers), as float64 arrays (nested lists stay rows)."""
+    return np.array([math.nan if v is None else v for v in x], dtype=np.float64)
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "–" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def _footer(data: Mapping) -> str:
+    return (f"Precomputed: {html.escape(data['runs'])}. Only these grid points exist in this page; the chapter's "
+            "live dashboard retrains any value.")
+
+
+def _snapshot(*views_and_sources) -> dict[str, dict]:
+    return {name: source_data(src) for name, src in views_and_sources}
+
+
+def chapter1_static_figure(data: Mapping) -> StaticGridFigure:
+    """Chapter 1's expert Jacobian spectra and leading singular values over top-k × temperature.
+
+    ``data`` fields (besides the common ones): per point ``ratios_EJ`` (each expert's routing-weighted mean
+    normalised spectrum σ_j/σ_1; null for a dead expert), ``sigma1_E``, ``final_loss``, ``dead``; ``dense``: the
+    parameter-matched dense baseline's ``ratios_J``, ``sigma1`` and ``final_loss`` (one run: it depends on neither
+    slider). Views: :func:`~moewidgets.views.build_spectra_view`, :func:`~moewidgets.views.build_bars_view`.
+    """
+    axes = _axes(data)
+    spectra = V.build_spectra_view("Expert Jacobian spectra")
+    sigma1 = V.build_bars_view("Leading singular value", "σ_1 of J (routing-weighted mean)")
+    dense = data["dense"]
+    grid, captions = {}, {}
+    for key, p in _points(data, axes).items():
+        V.update_spectra(spectra, [_nan(r) for r in p["ratios_EJ"]], _nan(dense["ratios_J"]))
+        V.update_bars(sigma1, _nan(p["sigma1_E"]), dense["sigma1"])
+        grid[key] = _snapshot(("spectra.experts", spectra.experts), ("spectra.dense", spectra.dense),
+                              ("sigma1.bars", sigma1.bars), ("sigma1.ref", sigma1.ref))
+        s1 = _nan(p["sigma1_E"])
+        dead = f" · {p['dead']} dead expert{'s' if p['dead'] != 1 else ''}" if p["dead"] else ""
+        captions[key] = (f"<b>{html.escape(p['label'])}, τ={p['temperature']:g}</b> · final train MSE "
+                         f"{p['final_loss']:.2g} (dense {dense['final_loss']:.2g}) · mean σ<sub>1</sub> "
+                         f"{_fmt(float(np.nanmean(s1)) if np.isfinite(s1).any() else math.nan)} (dense "
+                         f"{_fmt(dense['sigma1'])}){dead} · dashed = dense baseline, hidden E·m="
+                         f"{dense['hidden']}")
+    body = gridplot([[spectra.figure, sigma1.figure]], toolbar_location="right")
+    sources = {"spectra.experts": spectra.experts, "spectra.dense": spectra.dense, "sigma1.bars": sigma1.bars,
+               "sigma1.ref": sigma1.ref}
+    return static_grid_figure(grid, axes, body, sources, captions, tuple(data["initial"]), _footer(data))
+
+
+def chapter4_static_figure(data: Mapping) -> StaticGridFigure:
+    """Chapter 4's router-row alignment over C' (the MPI row scale) × the balancing weight α.
+
+    ``data`` fields (besides the common ones): per point ``lam_E`` (λ per expert at the end), ``steps_S`` and
+    ``angle_ES`` (each expert's angle between its router row and v1 over training), ``final_loss``, and the plain
+    softmax router's run at the same α: ``ref_lam_E``, ``ref_angle_S`` (mean over experts), ``ref_final_loss``.
+    Views: :func:`~moewidgets.views.build_bars_view`, :func:`~moewidgets.views.build_series_view`.
+    """
+    axes = _axes(data)
+    lam = V.build_bars_view("Alignment λ per expert (MPI)", "λ = ‖W r‖² / (‖r‖² σ1²)",
+                            ref_label="plain router (mean)")
+    angles = V.build_series_view("Angle of router row to v1 (MPI)", "angle(R'_i, v1_i) in degrees",
+                                 ref_label="plain router (mean)")
+    angles.figure.y_range.start, angles.figure.y_range.end = 0, 90
+    lam.figure.y_range.end = 1.0       # λ ∈ [0, 1]: a fixed axis, so bars compare across slider moves
+    grid, captions = {}, {}
+    for key, p in _points(data, axes).items():
+        ref_lam = float(np.mean(p["ref_lam_E"]))
+        V.update_bars(lam, p["lam_E"], ref_lam)
+        V.update_series(angles, p["steps_S"], p["angle_ES"], p["steps_S"], p["ref_angle_S"])
+        grid[key] = _snapshot(("lam.bars", lam.bars), ("lam.ref", lam.ref), ("angles.experts", angles.experts),
+                              ("angles.ref", angles.ref))
+        mean_angle = float(np.mean(np.asarray(p["angle_ES"])[:, -1]))
+        captions[key] = (f"<b>MPI router, C'={p['mpi_scale']:g}, α={p['aux_weight']:g}</b> · mean λ "
+                         f"{float(np.mean(p['lam_E'])):.2f} (plain router {ref_lam:.2f}) · mean angle to v1 "
+                         f"{mean_angle:.0f}° (plain router {p['ref_angle_S'][-1]:.0f}°) · final train MSE "
+                         f"{p['final_loss']:.2g} (plain {p['ref_final_loss']:.2g}) · dashed = the same model with the"
+                         f" plain softmax router")
+    body = gridplot([[lam.figure, angles.figure]], toolbar_location="right")
+    sources = {"lam.bars": lam.bars, "lam.ref": lam.ref, "angles.experts": angles.experts, "angles.ref": angles.ref}
+    return static_grid_figure(grid, axes, body, sources, captions, tuple(data["initial"]), _footer(data))
+
+
+# chapter → (figure builder, page title): what tools/make_static_figures.py renders
+STATIC_FIGURES = {
+    "chapter1": (chapter1_static_figure, "Chapter 1: expert Jacobian spectra over top-k × temperature"),
+    "chapter4": (chapter4_static_figure, "Chapter 4: router-row alignment over C' × balancing α"),
+}

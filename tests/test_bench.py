@@ -1,0 +1,102 @@
+"""The benchmark suite's correctness (never its timings): the baselines compute what ours computes, the helpers
+fit and summarise correctly, and a tiny run renders its report, its book page and an offline figure."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import common, jacobians, scaling  # noqa: E402
+from bench import run as bench_run  # noqa: E402
+from moewidgets.geometry.jacobians import expert_jacobians  # noqa: E402
+from moewidgets.nn.experts import make_experts  # noqa: E402
+
+
+@pytest.mark.parametrize("E,K", [(2, 1), (4, 2), (8, 2)])
+def test_mixtral_copy_matches_ours(E, K):
+    pytest.importorskip("transformers")
+    from bench import layer
+    ours = layer.make_ours(48, 8, E, K, seed=E + K)
+    block = layer.mixtral_from_ours(ours)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 8, generator=g).requires_grad_(True)
+    match = layer.check_match(ours, block, x, torch.randn(48, 8, generator=g))
+    assert match["routing_equal"] and match["max_abs_dy"] < 1e-5 and match["max_abs_dw"] < 1e-4
+
+
+def test_check_match_refuses_different_layers():
+    pytest.importorskip("transformers")
+    from bench import layer
+    ours = layer.make_ours(32, 8, 4, 2)
+    block = layer.mixtral_from_ours(ours)
+    with torch.no_grad():
+        block.experts.down_proj.mul_(1.01)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="disagree"):
+        layer.check_match(ours, block, x, torch.ones(32, 8))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_jacobian_baselines_equal_closed_form(activation):
+    g = torch.Generator().manual_seed(0)
+    bank = make_experts(activation, 3, 5, 7, g, dtype=torch.float64)
+    X = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    ours = expert_jacobians(bank, X)
+    torch.testing.assert_close(jacobians.vmap_jacrev_jacobians(bank, X), ours)
+    torch.testing.assert_close(jacobians.loop_jacobians(bank, X), ours)
+
+
+def test_fit_power_law_recovers_exponent_and_prefactor():
+    xs = [1.0, 2.0, 4.0, 8.0]
+    fit = common.fit_power_law(xs, [3.0 * x ** 1.5 for x in xs])
+    assert math.isclose(fit["exponent"], 1.5) and math.isclose(fit["prefactor"], 3.0) and fit["r2"] > 0.999999
+
+
+def test_stats_and_ratios_are_per_repeat():
+    assert common.stats([3.0, 1.0, 2.0]) == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0, "n": 3}
+    r = common.ratio_stats([2.0, 6.0, 3.0], [1.0, 2.0, 3.0])
+    assert (r["median"], r["min"], r["max"]) == (2.0, 1.0, 3.0)
+
+
+def test_interleaved_runs_every_candidate_each_repeat():
+    calls = []
+    times, inner = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                      repeats=3, min_block_s=0.0)
+    assert [len(v) for v in times.values()] == [3, 3] and inner == {"a": 1, "b": 1}
+    assert calls[-6:] == ["a", "b", "b", "a", "a", "b"]          # order alternates between repeats
+
+
+def test_count_torch_ops_counts_forward_and_backward():
+    w = torch.randn(4, 4, requires_grad=True)
+    n_fwd = common.count_torch_ops(lambda: (w @ w).sum())
+    n_both = common.count_torch_ops(lambda: (w @ w).sum().backward())
+    assert 0 < n_fwd < n_both
+
+
+def test_tiny_suite_renders_report_page_and_offline_figure(tmp_path):
+    quiet = lambda *a, **k: None  # noqa: E731
+    benches = {"jacobians": jacobians.bench_jacobians(1, 0.0, 1, size={"E": 2, "N": 3, "D": 4, "F": 8}, log=quiet),
+               "scaling": scaling.bench_scaling(1, 0.0, sweeps={"tokens": ("T", (16, 32, 64))}, log=quiet)}
+    if pytest.importorskip("transformers"):
+        from bench import layer
+        benches["layer"] = layer.bench_layer(1, 0.0, grid=[(512, 8, 4, 1), (2048, 8, 4, 2)], log=quiet)
+    benches["multiseed"] = {"skipped": "not here"}
+    results = {"environment": common.environment("cpu"), "quick": True, "benches": benches}
+    text = bench_run.report(results)
+    assert "## Targets" in text and "ours vs vmap(jacrev)" in text and "not measured: not here" in text
+    (tmp_path / "bench-cpu-1t.json").write_text(json.dumps(results))
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_performance_figure as page
+    md, html = tmp_path / "performance.md", tmp_path / "fig.html"
+    assert page.build(tmp_path, md_path=md, html_path=html) == [html, md]
+    body = html.read_text()
+    assert "BEGIN bokeh.min.js" in body and "cdn.bokeh.org" not in body          # BokehJS inline: renders offline
+    text = md.read_text()
+    assert '<iframe src="fig.html"' in text and "GPU: not measured" in text and "| what | target |" in text

@@ -1,0 +1,53 @@
+"""Writes app/chapterN.ipynb: one tiny notebook per chapter dashboard, served by Voila in classroom mode (`make app`).
+
+Run: .venv/bin/python tools/make_app.py   (the notebooks are the artefact; this keeps their source reviewable).
+They are committed unexecuted: Voila runs them in a fresh kernel for every page load.
+"""
+from pathlib import Path
+
+import nbformat as nbf
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app"
+
+DASHBOARDS = {
+    "chapter1": ("Chapter1Dashboard", "Chapter 1 — MoE as soft clustering: expert Jacobian spectra, live",
+                 "Routing (dense / top-k / soft), top-k, temperature τ, experts E, balancing α and seed retrain a "
+                 "small MLP-MoE and its parameter-matched dense baseline; the Jacobian spectra, σ₁ and "
+                 "effective-rank bars, output PCA, cross-expert alignment, loss and load redraw as it trains."),
+    "chapter3": ("Chapter3Dashboard", "Chapter 3 — router–expert coupling, load balancing and K-Means routing, live",
+                 "Router (learned softmax / online K-Means), balancing α, loss-free rate γ, top-k, experts E and seed "
+                 "retrain a small MLP-MoE and the same run without balancing; the router-row cosines, each row "
+                 "against every expert's routed centroid, the loads, the load imbalance and the loss redraw."),
+    "chapter4": ("Chapter4Dashboard", "Chapter 4 — the Manifold Power Iteration router, live",
+                 "Router (softmax / MPI), power steps, C′, top-k, experts, balancing α and seed retrain a small "
+                 "MLP-MoE and the same model with the plain softmax router; each expert's router-row alignment with "
+                 "its top right-singular vector (λ, angle), the spectral gaps, load imbalance and loss redraw."),
+}
+
+
+def notebook(cls: str, title: str, blurb: str) -> nbf.NotebookNode:
+    nb = nbf.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.cells = [      # fixed cell ids: regenerating gives the same files
+        nbf.v4.new_markdown_cell(id="about", source=(
+            f"# {title}\n\n{blurb}\n\nThis page has its own Python kernel: what you change here changes nothing "
+            "for anyone else. The status line under the controls says what is training; the book's chapter explains "
+            "what you see.")),
+        nbf.v4.new_code_cell(id="dashboard", source=f"import torch\nfrom moewidgets.dashboards import {cls}\n\n"
+                             "torch.set_num_threads(1)   # one thread per visitor: a shared server's cores go further\n"
+                             f"{cls}()"),
+    ]
+    return nb
+
+
+def main() -> None:
+    APP.mkdir(exist_ok=True)
+    for name, (cls, title, blurb) in DASHBOARDS.items():
+        nbf.write(notebook(cls, title, blurb), APP / f"{name}.ipynb")
+        print(f"wrote app/{name}.ipynb")
+
+
+if __name__ == "__main__":
+    main()

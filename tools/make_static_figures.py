@@ -1,0 +1,213 @@
+"""Train the grids behind the book's kernel-free figures and write them (data as JSON, figure as one HTML page).
+
+    python tools/make_static_figures.py                 # train both grids (≈ 1 min on 2 idle cores), write all
+    python tools/make_static_figures.py --render-only   # re-render the HTML from the committed JSON (seconds)
+    python tools/make_static_figures.py --chapters chapter4
+
+Writes book/_extra/figures/chapterN.json and chapterN.html. The book copies book/_extra/ into its HTML root
+(``html_extra_path``), and each chapter shows its page in an ``<iframe src="figures/chapterN.html">``.
+
+Each grid point is the live dashboard's run (the same configs, seeds, probes and reference runs), trained to the end
+with one torch thread:
+
+* chapter 1: top-k ∈ {1, 2, 4, 8 (fully soft)} × τ ∈ {0.1, 0.3, 1, 3, 10}; the other fields as the dashboard's
+  default (E=8, D=32, m=64, gate "softmax", α=0, seed 0, 400 steps); the parameter-matched dense baseline once.
+* chapter 4: C' ∈ {0.1, 0.3, 1, 3, 10} × α ∈ {0, 1e-3, 1e-2, 0.1, 1} with the MPI router (one power step, gate
+  "renorm", top-2 of 8, seed 0, 400 steps), and the plain softmax router at each α as the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import moewidgets  # noqa: E402
+from moewidgets.config import RunConfig  # noqa: E402
+from moewidgets.dashboards.chapter1 import N_PROBE, dense_baseline  # noqa: E402
+from moewidgets.dashboards.chapter4 import DEFAULT_RUN as CH4_RUN, plain_router  # noqa: E402
+from moewidgets.data import make_task  # noqa: E402
+from moewidgets.geometry import chapter1_probes, row_alignment  # noqa: E402
+from moewidgets.nn.routers import input_side_weights  # noqa: E402
+from moewidgets.static import STATIC_FIGURES, GridAxis, static_grid_html  # noqa: E402
+from moewidgets.train import Trainer, torch_threads, trace_model  # noqa: E402
+
+OUT = ROOT / "book" / "_extra" / "figures"
+
+CH1_RUN = RunConfig()
+CH1_AXES = (GridAxis("k", "top-k (8 = fully soft)", (1, 2, 4, 8)),
+            GridAxis("temperature", "temperature τ", (0.1, 0.3, 1.0, 3.0, 10.0)))
+CH1_INITIAL = (2, 1.0)                 # the dashboard's default
+CH4_AXES = (GridAxis("mpi_scale", "MPI row scale C'", (0.1, 0.3, 1.0, 3.0, 10.0)),
+            GridAxis("aux_weight", "balancing weight α", (0.0, 1e-3, 1e-2, 1e-1, 1.0)))
+CH4_INITIAL = (1.0, 1e-2)              # the dashboard's default
+TRACK_EVERY = 20                       # chapter 4: record the alignment every 20 steps (and at step 0)
+
+
+def _round(x, digits: int = 5):
+    """Floats to ``digits`` significant digits, NaN → None (JSON has no NaN), recursively through lists."""
+    if isinstance(x, (list, tuple)):
+        return [_round(v, digits) for v in x]
+    x = float(x)
+    return None if not math.isfinite(x) else float(f"{x:.{digits}g}")
+
+
+def _train(run: RunConfig, data) -> Trainer:
+    tr = Trainer.from_config(run, data=data)
+    tr.step(run.train.steps)
+    return tr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def chapter1_probe(tr: Trainer, seed: int):
+    """The dashboard's probes (chapter1._probe): the bundle on the first N_PROBE probe points."""
+    return chapter1_probes(tr.model.layer.experts, trace_model(tr.model, tr.data.x_probe[:N_PROBE]), generator=seed)
+
+
+def chapter1_point(k: int, temperature: float, data=None) -> dict:
+    """One chapter-1 grid point: train the dashboard's run with top-k and τ, probe it, return the record."""
+    run = CH1_RUN.replace(model=CH1_RUN.model.replace(k=k, temperature=temperature))
+    data = make_task(run.task, run.model.seed) if data is None else data
+    tr = _train(run, data)
+    p = chapter1_probe(tr, run.model.seed)
+    return dict(k=k, temperature=temperature, label=run.model.label, ratios_EJ=_round(p.spectra.ratios.tolist()),
+                sigma1_E=_round(p.spectra.sigma1.tolist()), final_loss=_round(tr.history.loss[-1]),
+                dead=int(p.dead.sum()))
+
+
+def chapter1_dense(data=None) -> dict:
+    """The parameter-matched dense baseline of the chapter-1 runs (the same for every grid point)."""
+    run = dense_baseline(CH1_RUN)
+    data = make_task(run.task, run.model.seed) if data is None else data
+    tr = _train(run, data)
+    d = chapter1_probe(tr, run.model.seed)
+    return dict(ratios_J=_round(d.spectra.ratios[0].tolist()), sigma1=_round(d.sigma1),
+                final_loss=_round(tr.history.loss[-1]), hidden=run.model.dense_hidden)
+
+
+def chapter1_grid(log=print) -> dict:
+    data = make_task(CH1_RUN.task, CH1_RUN.model.seed)
+    points = []
+    for k in CH1_AXES[0].values:
+        for tau in CH1_AXES[1].values:
+            t0 = time.perf_counter()
+            points.append(chapter1_point(k, tau, data))
+            log(f"  chapter1 k={k} τ={tau:g}: {time.perf_counter() - t0:.1f} s")
+    return dict(dense=chapter1_dense(data), points=points, config=json.loads(CH1_RUN.to_json()),
+                runs=f"{len(points)} MoE runs (one per grid point) and the dense baseline, {CH1_RUN.train.steps} "
+                     f"steps each, seed {CH1_RUN.model.seed}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _alignment(tr: Trainer):
+    layer = tr.model.layer
+    return row_alignment(input_side_weights(layer.experts), layer.router.effective_rows_ED())
+
+
+def _tracked(run: RunConfig, data) -> tuple[Trainer, list[int], list[list[float]]]:
+    """Train ``run`` to the end, recording each expert's angle to v1 every TRACK_EVERY steps (and at step 0)."""
+    tr = Trainer.from_config(run, data=data)
+    steps, angle_SE = [0], [_alignment(tr).angle_deg.tolist()]
+    while not tr.done:
+        tr.step(TRACK_EVERY)
+        steps.append(tr.steps_done)
+        angle_SE.append(_alignment(tr).angle_deg.tolist())
+    return tr, steps, angle_SE
+
+
+def chapter4_reference(aux_weight: float, data=None) -> dict:
+    """The plain softmax router at balancing weight α: λ per expert at the end, mean angle over the steps."""
+    run = plain_router(CH4_RUN.replace(model=CH4_RUN.model.replace(aux_weight=aux_weight)))
+    data = make_task(run.task, run.model.seed) if data is None else data
+    tr, steps, angle_SE = _tracked(run, data)
+    return dict(ref_lam_E=_round(_alignment(tr).lam.tolist()),
+                ref_angle_S=_round([sum(a) / len(a) for a in angle_SE]),
+                ref_final_loss=_round(tr.history.loss[-1]))
+
+
+def chapter4_point(mpi_scale: float, aux_weight: float, data=None, reference: dict | None = None) -> dict:
+    """One chapter-4 grid point: the MPI run at (C', α) and its plain-router reference at α."""
+    run = CH4_RUN.replace(model=CH4_RUN.model.replace(mpi_scale=mpi_scale, aux_weight=aux_weight))
+    data = make_task(run.task, run.model.seed) if data is None else data
+    tr, steps, angle_SE = _tracked(run, data)
+    reference = chapter4_reference(aux_weight, data) if reference is None else reference
+    angle_ES = [list(a) for a in zip(*angle_SE)]            # (S, E) → (E, S)
+    return dict(mpi_scale=mpi_scale, aux_weight=aux_weight, lam_E=_round(_alignment(tr).lam.tolist()),
+                steps_S=steps, angle_ES=_round(angle_ES), final_loss=_round(tr.history.loss[-1]), **reference)
+
+
+def chapter4_grid(log=print) -> dict:
+    data = make_task(CH4_RUN.task, CH4_RUN.model.seed)
+    points, refs = [], {}
+    for a in CH4_AXES[1].values:
+        t0 = time.perf_counter()
+        refs[a] = chapter4_reference(a, data)
+        log(f"  chapter4 plain router α={a:g}: {time.perf_counter() - t0:.1f} s")
+    for c in CH4_AXES[0].values:
+        for a in CH4_AXES[1].values:
+            t0 = time.perf_counter()
+            points.append(chapter4_point(c, a, data, refs[a]))
+            log(f"  chapter4 C'={c:g} α={a:g}: {time.perf_counter() - t0:.1f} s")
+    return dict(points=points, config=json.loads(CH4_RUN.to_json()),
+                runs=f"{len(points)} MPI runs (one per grid point) and {len(refs)} plain-router runs (one per α), "
+                     f"{CH4_RUN.train.steps} steps each, seed {CH4_RUN.model.seed}")
+
+
+GRIDS = {"chapter1": (chapter1_grid, CH1_AXES, CH1_INITIAL), "chapter4": (chapter4_grid, CH4_AXES, CH4_INITIAL)}
+
+
+def train_grid(chapter: str, log=print) -> dict:
+    """Train one chapter's grid (one torch thread) and return its JSON-ready data."""
+    make, axes, initial = GRIDS[chapter]
+    t0 = time.perf_counter()
+    with torch_threads(1):
+        data = make(log)
+    return dict(chapter=chapter, axes=[a.to_dict() for a in axes], initial=list(initial), **data,
+                wall_s=round(time.perf_counter() - t0, 1), moewidgets=moewidgets.__version__,
+                torch=torch.__version__, machine=platform.machine())
+
+
+def render(chapter: str, data: dict, out: Path = OUT) -> Path:
+    """Write ``chapterN.html`` from its grid data; returns the path."""
+    build, title = STATIC_FIGURES[chapter]
+    path = out / f"{chapter}.html"
+    path.write_text(static_grid_html(build(data), title), encoding="utf-8")
+    return path
+
+
+def _show(path: Path) -> str:
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--chapters", nargs="+", choices=sorted(GRIDS), default=sorted(GRIDS))
+    ap.add_argument("--render-only", action="store_true", help="re-render the HTML from the existing JSON")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT.relative_to(ROOT)})")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for chapter in args.chapters:
+        json_path = args.out / f"{chapter}.json"
+        if args.render_only:
+            if not json_path.exists():
+                raise SystemExit(f"{json_path} is missing: run without --render-only to train the grid")
+            data = json.loads(json_path.read_text())
+        else:
+            print(f"training the {chapter} grid")
+            data = train_grid(chapter)
+            json_path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
+            print(f"{_show(json_path)}: {json_path.stat().st_size / 1e3:.0f} kB, {data['wall_s']} s")
+        path = render(chapter, data, args.out)
+        print(f"{_show(path)}: {path.stat().st_size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
