@@ -10,7 +10,8 @@ MODULES = ["moewidgets.config", "moewidgets.nn.experts", "moewidgets.nn.routers"
            "moewidgets.models", "moewidgets.balance", "moewidgets.data", "moewidgets.train", "moewidgets.trace",
            "moewidgets.sweep", "moewidgets.reproduce", "moewidgets.reproduce.common", "moewidgets.geometry.jacobians", "moewidgets.geometry.spectra",
            "moewidgets.geometry.pca", "moewidgets.geometry.alignment", "moewidgets.geometry.probes",
-           "moewidgets.geometry.mpi", "moewidgets.geometry.coupling", "moewidgets.reproduce.chapter3", "moewidgets.static",
+           "moewidgets.geometry.mpi", "moewidgets.geometry.coupling",
+           "moewidgets.geometry.subspaces", "moewidgets.geometry.asymmetry", "moewidgets.reproduce.chapter3", "moewidgets.static",
            "moewidgets.hf.blocks", "moewidgets.hf.capture", "moewidgets.hf.metrics", "moewidgets.hf.probing"]
 
 

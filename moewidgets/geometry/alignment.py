@@ -244,7 +244,7 @@ def bank_jacobian_alignment(experts, X_ND: torch.Tensor, weights_NE: torch.Tenso
     _check_common(weights_NE, min_points, n_null_pairs)
     _, ws = _bank_tensors(experts)
     D_out, D_in = int(ws[2].shape[1]), int(ws[0].shape[2])
-    dtype = torch.promote_types(X_ND.dtype, ws[0].dtype)
+    dtype = torch.promote_types(torch.promote_types(X_ND.dtype, ws[0].dtype), torch.float32)
     if weights_NE.is_floating_point():
         dtype = torch.promote_types(dtype, weights_NE.dtype)
     w_NE = weights_NE.to(device=ws[0].device, dtype=dtype)

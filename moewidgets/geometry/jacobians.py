@@ -26,7 +26,8 @@ Formulas (paper-1 spec §1.4a, paper-2 spec §2.4a; chapter 1, ``book/chapter1.i
 
 Everything reads the expert bank through its contract attributes (``moewidgets.nn.experts``), so it works for our
 banks, for the Hugging Face adapter's views and for :func:`~moewidgets.geometry.alignment.dense_pseudo_experts`.
-Computation happens in the promoted dtype of the inputs and the weights (never a downcast).
+Computation happens in the promoted dtype of the inputs and the weights, at least float32 (bf16 weights give
+float32 Jacobians, paper-2 spec §2.7.9; never a downcast).
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def _prepare(bank, X_ND: torch.Tensor, experts_idx) -> tuple[str, list[torch.Ten
     if not X_ND.is_floating_point():
         raise ValueError(f"X_ND.dtype={X_ND.dtype} must be a floating-point dtype")
     E = ws[0].shape[0]
-    dtype = X_ND.dtype
+    dtype = torch.promote_types(X_ND.dtype, torch.float32)      # bf16/fp16 weights or points: float32 arithmetic
     for w in ws:
         dtype = torch.promote_types(dtype, w.dtype)
     if experts_idx is not None:
