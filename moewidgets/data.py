@@ -1,4 +1,4 @@
-"""Data: the synthetic clustered-teacher task of chapter 1 (WikiText-2 arrives with chapter 2).
+"""Data: the synthetic clustered-teacher task of chapter 1 (WikiText-2 lives in ``moewidgets.wikitext``).
 
 Shape legend: N points, D input width, O output width, C clusters, H teacher hidden width.
 
