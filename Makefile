@@ -21,7 +21,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= lab,book,test,hf,app
+EXTRAS ?= lab,book,test,hf,app,dist
 
 # The data folder (WikiText-2, chapter 2 on): the environment wins, else ../shared/data if it exists.
 ifndef MOEWIDGETS_DATA

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS_IN_ENV = {"lab", "book", "test", "hf", "app"}
+EXTRAS_IN_ENV = {"lab", "book", "test", "hf", "app", "dist"}
 
 
 def _pyproject() -> dict:

@@ -55,6 +55,7 @@ class Chapter:
     pinned_metrics: tuple[str, ...]
 
 
+#: Every chapter with claim runs, by name (``python -m moewidgets reproduce NAME``).
 CHAPTERS: dict[str, Chapter] = {
     "chapter1": Chapter(chapter1_jobs, chapter1_claims, chapter1_job, tuple(CHAPTER1_ARMS), PINNED_METRICS),
     "chapter3": Chapter(chapter3_jobs, chapter3_claims, chapter3_job, tuple(CHAPTER3_ARMS), PINNED_METRICS_CH3),
