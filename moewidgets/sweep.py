@@ -334,8 +334,8 @@ class SpecError(ValueError):
     """A sweep spec is invalid: the message names the field, the value and what is allowed."""
 
 
-#: The built-in metrics of a sweep spec: name -> (job function, extra payload). ``chapter1``: loss, probe MSE and
-#: the chapter-1 probes at init and after training; ``loss``: loss and probe MSE only (no probes, fast).
+#: Built-in metrics of a sweep spec, by name, each a pair (job function, extra payload). ``chapter1`` gives loss,
+#: probe MSE and the chapter-1 probes at init and after training; ``loss`` gives loss and probe MSE only (fast).
 METRICS: dict[str, tuple[str, dict[str, Any]]] = {
     "chapter1": ("moewidgets.reproduce:chapter1_job", {}),                       # loss, probe MSE, chapter-1 probes
     "loss": ("moewidgets.reproduce:chapter1_job", {"converge_only": True}),      # loss and probe MSE only

@@ -9,10 +9,10 @@ Each metric of :data:`~moewidgets.hf.metrics.METRICS` takes a layer's
 weights ``w_ne``: the gate of expert e for token n, or 1 if e was selected):
 
 * ``"spectra"``: routing-weighted expert Jacobian spectra ``S_e = Σ_n w_ne s(J_e(x_n)) / Σ_n w_ne``
-  (:func:`~moewidgets.geometry.spectra.weighted_expert_spectra`) on up to ``max_points`` tokens;
+  (:func:`~moewidgets.geometry.weighted_expert_spectra`) on up to ``max_points`` tokens;
 * ``"alignment"``: Frobenius cosines of routing-weighted mean Jacobians with the random null and split-half
-  ceiling (:func:`~moewidgets.geometry.alignment.bank_jacobian_alignment`'s numbers);
-* ``"pca"``: weighted PCA of the routed block inputs per expert (:func:`~moewidgets.geometry.pca.expert_pca`);
+  ceiling (:func:`~moewidgets.geometry.bank_jacobian_alignment`'s numbers);
+* ``"pca"``: weighted PCA of the routed block inputs per expert (:func:`~moewidgets.geometry.expert_pca`);
 * ``"shared_expert"``: Qwen2-MoE's shared expert on its own (spectra weighted by its sigmoid gate, the cosine of
   its mean Jacobian with each routed expert's), None for families without one.
 
@@ -118,7 +118,7 @@ def _expert_fp32(bank: SwiGLUBankView, e: int) -> SwiGLUBankView:
 
 def routed_spectra(bank: SwiGLUBankView, X_ND: torch.Tensor, weights_NE: torch.Tensor, *,
                    max_elements: int = _JACOBIAN_ELEMENTS) -> WeightedSpectra:
-    """:func:`~moewidgets.geometry.spectra.weighted_expert_spectra` of the routed (w_ne > 0) expert Jacobians,
+    """:func:`~moewidgets.geometry.weighted_expert_spectra` of the routed (w_ne > 0) expert Jacobians,
     in float32, one expert and at most ``max_elements // D²`` points at a time.
 
     Same numbers as ``weighted_expert_spectra(expert_jacobians(bank, X), w)`` in float32, without ever holding
@@ -155,7 +155,7 @@ def routed_spectra(bank: SwiGLUBankView, X_ND: torch.Tensor, weights_NE: torch.T
 
 def routed_mean_jacobians(bank: SwiGLUBankView, X_ND: torch.Tensor, weights_NE: torch.Tensor) -> torch.Tensor:
     """Routing-weighted mean Jacobians ``J̄_e = Σ_n w_ne J_e(x_n) / Σ_n w_ne`` in float32, one expert at a
-    time: :func:`~moewidgets.geometry.jacobians.mean_expert_jacobians` with leading weighting dims (..., N, E)
+    time: :func:`~moewidgets.geometry.mean_expert_jacobians` with leading weighting dims (..., N, E)
     → (..., E, D, D) (NaN for experts without weight).
 
     >>> from moewidgets.nn.experts import SwiGLUExperts
@@ -274,7 +274,7 @@ def _spectra_summary(r: WeightedSpectra) -> dict[str, float]:
 def alignment_metric(inputs: LayerInputs, min_points: int = 8, n_null_pairs: int = 200,
                      keep_mean_jacobians: bool = False) -> JacobianAlignment:
     """Cross-expert alignment of routing-weighted mean Jacobians with its null and split-half ceiling: the
-    numbers of :func:`~moewidgets.geometry.alignment.bank_jacobian_alignment`, in float32 one expert at a time.
+    numbers of :func:`~moewidgets.geometry.bank_jacobian_alignment`, in float32 one expert at a time.
     ``mean_jacobians`` (E, D, D) is kept only with ``keep_mean_jacobians=True`` (else None).
     """
     _check_common(inputs.weights_NE, min_points, n_null_pairs)
