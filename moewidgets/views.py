@@ -320,3 +320,101 @@ def update_series(view: SeriesView, steps_S, values_ES, ref_steps=None, ref_valu
 
 
 __all__ += ["SeriesView", "build_series_view", "update_series"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chapter 2 (book/chapter2.ipynb): one point per expert pair against reference levels.
+
+REF_COLORS = ("black", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")   # reference lines, in order
+
+
+@dataclass
+class ScatterView:
+    """Points (e.g. one per expert pair) with labelled reference lines and an optional shaded interval.
+
+    Fields::
+
+        figure: the bokeh figure.
+        points: ColumnDataSource with x, y (drawn; clipped to the axis floor on a log axis), x_value, y_value
+                (the values given, for the hover) and label.
+        refs:   ColumnDataSource with x0, y0, x1, y1, color, label: one segment per reference (vertical for an x
+                reference, horizontal for a y reference), spanning the plotted range.
+        band:   ColumnDataSource with left, right, bottom, top: a shaded x interval (e.g. a null band), or empty.
+        x_span, y_span: the fixed axis ranges (reference lines span them).
+    """
+
+    figure: object
+    points: ColumnDataSource
+    refs: ColumnDataSource
+    band: ColumnDataSource
+    x_span: tuple
+    y_span: tuple
+
+
+def build_scatter_view(title: str, x_label: str, y_label: str, *, x_span: tuple = (0.0, 1.0),
+                       y_span: tuple = (0.0, 1.0), y_log: bool = False, band_label: str = "null band",
+                       point_label: str = "expert pairs") -> ScatterView:
+    """A scatter plot on fixed axis ranges (``x_span``, ``y_span``: colours and positions compare across
+    redraws) with reference lines in the legend and a shaded x interval labelled ``band_label``.
+
+    >>> view = build_scatter_view("Asymmetry", "distance", "|cos|", y_log=True, y_span=(1e-3, 1.0))
+    >>> update_scatter(view, [0.8, 0.7], [0.05, 0.0], ["0–1", "0–2"], x_refs=[("floor", 0.6)],
+    ...                y_refs=[("null", 0.02)], x_band=(0.2, 0.3))
+    >>> view.points.data["y"].tolist(), view.refs.data["label"], view.band.data["left"].tolist()
+    ([0.05, 0.001], ['floor', 'null'], [0.2])
+
+    Chapter 2 (book/chapter2.ipynb).
+    """
+    fig = _figure(title, x_label, y_label, y_log=y_log, x_range=tuple(x_span), y_range=tuple(y_span))
+    points = ColumnDataSource(dict(x=[], y=[], x_value=[], y_value=[], label=[]))
+    refs = ColumnDataSource(dict(x0=[], y0=[], x1=[], y1=[], color=[], label=[]))
+    band = ColumnDataSource(dict(left=[], right=[], bottom=[], top=[]))
+    fig.quad(left="left", right="right", bottom="bottom", top="top", source=band, fill_color="gray",
+             fill_alpha=0.2, line_color=None, legend_label=band_label)
+    fig.segment(x0="x0", y0="y0", x1="x1", y1="y1", source=refs, line_color="color", line_width=2,
+                line_dash="dashed", legend_field="label")
+    r = fig.scatter("x", "y", source=points, size=7, color=Category10_10[0], alpha=0.8, legend_label=point_label)
+    fig.add_tools(HoverTool(renderers=[r], tooltips=[("pair", "@label"), ("x", "@x_value{0.000}"),
+                                                     ("y", "@y_value{0.0000}")]))
+    _legend(fig, "top_left")
+    return ScatterView(fig, points, refs, band, (float(x_span[0]), float(x_span[1])),
+                       (float(y_span[0]), float(y_span[1])))
+
+
+def update_scatter(view: ScatterView, x_P, y_P, labels_P=None, *, x_refs=(), y_refs=(), x_band=None,
+                   title: str | None = None) -> None:
+    """``x_P``, ``y_P``: the P points (pairs with a non-finite coordinate are dropped); ``labels_P``: their hover
+    labels; ``x_refs`` / ``y_refs``: ``(label, value)`` reference levels drawn as vertical / horizontal dashed
+    lines (non-finite values are left out); ``x_band``: ``(lo, hi)`` shaded, or None; ``title`` replaces the
+    figure title. On a log y axis values below the axis floor are drawn at the floor (the hover shows the value).
+    """
+    x, y = _array(x_P), _array(y_P)
+    if x.shape != y.shape:
+        raise ValueError(f"x_P has {x.shape[0]} points but y_P has {y.shape[0]}; one (x, y) per point")
+    labels = [str(i) for i in range(len(x))] if labels_P is None else [str(s) for s in labels_P]
+    if len(labels) != len(x):
+        raise ValueError(f"labels_P has {len(labels)} labels for {len(x)} points")
+    keep = np.isfinite(x) & np.isfinite(y)
+    (x0, x1), (y0, y1) = view.x_span, view.y_span
+    log_y = view.figure.y_scale.__class__.__name__ == "LogScale"
+    y_drawn = np.maximum(y[keep], y0) if log_y else y[keep]
+    _assign(view.points, dict(x=x[keep], y=y_drawn, x_value=x[keep], y_value=y[keep],
+                              label=[s for s, k in zip(labels, keep) if k]))
+    segs = [(v, y0, v, y1, lab) for lab, v in x_refs if v is not None and np.isfinite(v)]
+    segs += [(x0, max(v, y0) if log_y else v, x1, max(v, y0) if log_y else v, lab)
+             for lab, v in y_refs if v is not None and np.isfinite(v)]
+    cols = list(zip(*segs)) if segs else [[]] * 5
+    _assign(view.refs, dict(x0=np.asarray(cols[0], dtype=np.float64), y0=np.asarray(cols[1], dtype=np.float64),
+                            x1=np.asarray(cols[2], dtype=np.float64), y1=np.asarray(cols[3], dtype=np.float64),
+                            color=[REF_COLORS[i % len(REF_COLORS)] for i in range(len(segs))],
+                            label=list(cols[4])))
+    ok = x_band is not None and all(v is not None and np.isfinite(v) for v in x_band)
+    _assign(view.band, dict(left=np.array([x_band[0]] if ok else [], dtype=np.float64),
+                            right=np.array([x_band[1]] if ok else [], dtype=np.float64),
+                            bottom=np.array([y0] if ok else [], dtype=np.float64),
+                            top=np.array([y1] if ok else [], dtype=np.float64)))
+    if title is not None:
+        view.figure.title.text = title
+
+
+__all__ += ["ScatterView", "build_scatter_view", "update_scatter", "REF_COLORS"]
