@@ -35,7 +35,7 @@ from .nn.experts import fan_in_uniform_
 from .nn.layer import MoEOutput, make_layer
 from .nn.routers import RouterOutput
 from .trace import RoutingTrace
-from .train import History, NonFiniteLossError, resolve_device
+from .train import History, NonFiniteLossError, batch_generator, cosine_lr, make_adamw, resolve_device
 from .wikitext import WikiText, load_wikitext
 
 __all__ = ["LMConfig", "LMOutput", "LMEval", "LMHistory", "MoETransformerLM", "CausalSelfAttention", "LMBlock",
@@ -441,14 +441,12 @@ class LMTrainer:
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.train_ids = data.train_ids.cpu()                       # batches are cut on the CPU, then moved
-        self.generator = torch.Generator().manual_seed(7_919 * cfg.seed + 3)   # batch order only
+        self.generator = batch_generator(cfg.seed)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():               # decay matrices, not norms / biases (b_*)
             (decay if p.dim() >= 2 and not name.rsplit(".", 1)[-1].startswith("b_") else no_decay).append(p)
-        fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, fused=fused, foreach=None if fused else True)
+        self.optimizer = make_adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}], cfg.lr, 0.0, self.device)
         self.history = LMHistory()
         self.steps_done = 0
         self.wall_s = 0.0
@@ -481,7 +479,7 @@ class LMTrainer:
         if cfg.schedule == "constant":
             return cfg.lr
         span = max(1, cfg.steps - cfg.warmup)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(step - cfg.warmup, span) / span))
+        return cosine_lr(cfg.lr, min(step - cfg.warmup, span), span)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next training batch: inputs and next-token targets, both (B, S), from the trainer's generator."""

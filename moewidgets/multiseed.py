@@ -61,7 +61,7 @@ from .data import TaskData, make_task
 from .models import MLPMoE, build_model
 from .nn.layer import DISPATCHES, choose_dispatch
 from .nn.routers import mpi_rows, select_topk
-from .train import History, NonFiniteLossError, resolve_device
+from .train import History, NonFiniteLossError, batch_generator, cosine_lr, make_adamw, resolve_device
 
 __all__ = ["MultiSeedTrainer", "SeedResult", "train_seeds", "ragged_available"]
 
@@ -209,11 +209,8 @@ class MultiSeedTrainer:
         N = self.x_train_SND.shape[1]
         self._row_offset_S1 = (torch.arange(S, device=self.device) * N).unsqueeze(1)   # seed s's rows in (S·N)
 
-        self.generators = [torch.Generator().manual_seed(7_919 * s + 3) for s in self.seeds]  # as Trainer: batch order
-        fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=run.train.lr,
-                                           weight_decay=run.train.weight_decay, fused=fused,
-                                           foreach=None if fused else True)
+        self.generators = [batch_generator(s) for s in self.seeds]          # as Trainer: batch order
+        self.optimizer = make_adamw(list(self.params.values()), run.train.lr, run.train.weight_decay, self.device)
         self.histories = [History() for _ in self.seeds]
         self.errors: dict[int, NonFiniteLossError] = {}
         self.active_S = torch.ones(S, dtype=torch.bool)     # False once a seed's loss went non-finite
@@ -437,8 +434,8 @@ class MultiSeedTrainer:
                 loss = (loss_S if all(active_l) else torch.where(active, loss_S, 0.0)).sum()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.schedule == "cosine":   # lr_t = lr · ½(1 + cos(π t / steps)), as Trainer
-                    lr_t = 0.5 * cfg.lr * (1 + math.cos(math.pi * self.steps_done / cfg.steps))
+                if cfg.schedule == "cosine":
+                    lr_t = cosine_lr(cfg.lr, self.steps_done, cfg.steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr_t
                 self.optimizer.step()
