@@ -100,3 +100,19 @@ def test_pinned_subset_matches_committed_rows(arm):
     """Tolerance: 2 % relative on each pinned metric (the runs use 1 thread; same machine kind → identical)."""
     (check,) = rp.pinned_subset(rp.load_results("chapter1"), arms=[arm], rtol=0.02)
     assert check.ok, f"{arm}: {check.worst_metric} deviates by {check.max_rel_dev:.2%} from the committed row"
+
+
+def test_chapter3_committed_rows_cover_every_arm_and_seed():
+    rows = rp.load_results("chapter3")
+    arms = rc._by_arm(rows)
+    for arm in rp.CHAPTER3_ARMS:
+        assert sorted(arms[arm]) == list(range(5)) and sorted(arms[arm + ":4x"]) == list(range(5))
+    claims = rp.chapter3_claims(rows)
+    assert {c.claim for c in claims} == {"RC-a", "RC-b", "RC-c", "RC-d", "RC-e", "RC-f", "RC-g"}
+    assert all(r["metrics"]["steps"] == (8000 if r["arm"].endswith(":4x") else 2000) for r in rows)
+
+
+@pytest.mark.parametrize("arm", ["aux-0.01", "kmeans+lfb"])
+def test_chapter3_pinned_subset_matches_committed_rows(arm):
+    (check,) = rp.pinned_subset(rp.load_results("chapter3"), arms=[arm], rtol=0.02, chapter="chapter3")
+    assert check.ok, f"{arm}: {check.worst_metric} deviates by {check.max_rel_dev:.2%} from the committed row"

@@ -6,7 +6,7 @@
 The setting (spec §1.12 and §3, scaled to a CPU: ours): the MLP-MoE of chapter 1 with SwiGLU experts
 (E = 8, k = 2, D = 32, m = 64), gate "renorm" (top-k then softmax, the spec's primary convention), inputs with a
 shared offset ‖μ‖ = 0.5·s·√D (``TaskConfig.offset``; the "3×" needs anisotropic inputs), AdamW with weight decay 0.1
-and a cosine schedule. The arms differ only in the router and the balancing knob.
+and a cosine schedule over 2,000 steps. The arms differ only in the router and the balancing knob.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ CHAPTER3_ARMS: dict[str, dict[str, Any]] = {
     "kmeans+lfb": {"router": "kmeans", "lf_rate": 1e-3},
     "kmeans-cum+lfb": {"router": "kmeans", "kmeans_mode": "cumulative", "lf_rate": 1e-3},
 }
-CHAPTER3_TRAIN = TrainConfig(steps=1000, batch_size=256, lr=1e-2, weight_decay=0.1, schedule="cosine", device="cpu")
+CHAPTER3_TRAIN = TrainConfig(steps=2000, batch_size=256, lr=1e-2, weight_decay=0.1, schedule="cosine", device="cpu")
 EXACT_TOKENS = 16           # tokens for the per-token gradient checks (RC-a)
 SPAN_TOKENS = 6             # tokens for the SGD span check (RC-b) and the aux-spread check (RC-c): fewer than D
 
@@ -97,15 +97,16 @@ def _exactness(model, data, seed: int) -> dict[str, float]:
         out[f"unselected_norm_{gate}"] = ce.max_unselected_norm
         out[f"output_cos_{gate}"] = ce.median_output_cos
     out["unselected_err_softmax"] = 1.0 - ce.min_unselected_cos
-    x6, y6 = data.x_probe[pick[EXACT_TOKENS:EXACT_TOKENS + SPAN_TOKENS]], None
-    y6 = model.layer(x6).y_TD.detach() + 0.5 * torch.randn(x6.shape, generator=g)   # a target near the output
-    layer32 = copy.deepcopy(model.layer)
-    layer32.router.aux_weight = 0.0           # RC-b is about the task loss alone
-    out["sgd_residual"] = sgd_span_residual(layer32, x6, y6, steps=30, lr=0.05).max
-    out["adamw_residual"] = sgd_span_residual(layer32, x6, y6, steps=30, lr=0.01, optimizer="adamw").max
+    x6 = data.x_probe[pick[EXACT_TOKENS:EXACT_TOKENS + SPAN_TOKENS]].to(torch.float64)
+    y6 = layer64(x6).y_TD.detach() + 0.5 * torch.randn(x6.shape, generator=g, dtype=torch.float64)  # near the output
+    # RC-b in float64: the claim is about the update's direction. In float32 the rounding of w + Δ dominates the
+    # relative residual of an expert that barely moves (measured: up to 5e-2 on 1 of 5 trained models)
+    layer64.router.gate = "renorm"
+    layer64.router.aux_weight = 0.0           # RC-b is about the task loss alone
+    out["sgd_residual"] = sgd_span_residual(layer64, x6, y6, steps=30, lr=0.05).max
+    out["adamw_residual"] = sgd_span_residual(layer64, x6, y6, steps=30, lr=0.01, optimizer="adamw").max
     if model.cfg.aux_weight > 0:
-        gs = gradient_spans(copy.deepcopy(model.layer).to(torch.float64), x6.to(torch.float64),
-                            y6.to(torch.float64))
+        gs = gradient_spans(copy.deepcopy(model.layer).to(torch.float64), x6, y6)
         out["aux_own_mean"] = float(gs.aux_own_E[~torch.isnan(gs.aux_own_E)].mean())
         out["aux_all_max"] = float(gs.aux_all_E.nan_to_num(0.0).max())
         out["task_own_max"] = float(gs.task_own_E.nan_to_num(0.0).max())
@@ -191,8 +192,8 @@ def chapter3_claims(rows: list[dict]) -> list[ClaimResult]:
                          "none", 1e-300, -1),
         _versus_constant(arms, "RC-a", "output side not coupled (median |cos| < 0.5)", "output_cos_renorm", "none",
                          0.5, -1),
-        _versus_constant(arms, "RC-b", "plain SGD: Δr, ΔW_in stay in the routed span (residual < 1e-5)",
-                         "sgd_residual", "none", 1e-5, -1),
+        _versus_constant(arms, "RC-b", "plain SGD: Δr, ΔW_in stay in the routed span (residual < 1e-10, float64)",
+                         "sgd_residual", "none", 1e-10, -1),
         _versus_constant(arms, "RC-b", "AdamW: they leave it (residual > 1e-3)", "adamw_residual", "none", 1e-3, +1),
         _compare(arms, "RC-c", "aux grad: outside own span > outside batch span", "aux_own_mean", "aux-0.01",
                  "aux-0.01", +1, metric_b="aux_all_max"),
