@@ -89,6 +89,7 @@ bench: install
 
 reproduce: install
 	$(PY) -m moewidgets reproduce chapter1
+	$(PY) -m moewidgets reproduce chapter2
 	$(PY) -m moewidgets reproduce chapter3
 	$(PY) -m moewidgets reproduce chapter4
 

@@ -11,7 +11,7 @@ MODULES = ["moewidgets.config", "moewidgets.nn.experts", "moewidgets.nn.routers"
            "moewidgets.sweep", "moewidgets.reproduce", "moewidgets.reproduce.common", "moewidgets.geometry.jacobians", "moewidgets.geometry.spectra",
            "moewidgets.geometry.pca", "moewidgets.geometry.alignment", "moewidgets.geometry.probes",
            "moewidgets.geometry.mpi", "moewidgets.geometry.coupling",
-           "moewidgets.geometry.subspaces", "moewidgets.geometry.asymmetry", "moewidgets.reproduce.chapter3", "moewidgets.static",
+           "moewidgets.geometry.subspaces", "moewidgets.geometry.asymmetry", "moewidgets.reproduce.chapter2", "moewidgets.reproduce.chapter3", "moewidgets.static",
            "moewidgets.wikitext", "moewidgets.lm", "moewidgets.ledger", "moewidgets.multiseed",
            "moewidgets.hf.blocks", "moewidgets.hf.capture", "moewidgets.hf.metrics", "moewidgets.hf.probing"]
 

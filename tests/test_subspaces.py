@@ -463,3 +463,13 @@ def test_routed_subspaces_dataclass():
     sub = routed_subspaces(H, w, rank=1)
     assert isinstance(sub, RoutedSubspaces) and sub.n_experts == 2 and sub.kept_experts == [0, 1]
     assert sub.pool_MD.shape == (100, 4) and [g.numel() for g in sub.groups] == [50, 50]
+
+
+def test_argmax_weighting_uses_the_largest_gate_not_slot_0():
+    """Fully soft routing lists experts in index order (slot 0 is always expert 0): arg-max must read the gates."""
+    from moewidgets.geometry.subspaces import routing_weights
+    from moewidgets.trace import RoutingTrace
+    idx = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    gates = torch.tensor([[0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    tr = RoutingTrace(torch.zeros(2, 4), None, idx, gates, n_experts=3)
+    assert routing_weights(tr, "argmax").tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]

@@ -249,7 +249,7 @@ def routing_weights(trace, weighting: str = "gates") -> torch.Tensor:
 
     ``"gates"``: the gate value of each selected expert (``trace.gate_matrix()``, zero off-route);
     ``"membership"``: 1 for each of the k selected experts (``trace.membership()``); ``"argmax"``: 1 for the
-    top selected expert only (``idx_TK[:, 0]``), a partition of the tokens, which is what makes per-expert
+    selected expert with the largest gate only, a partition of the tokens, which is what makes per-expert
     subspaces comparable under fully soft routing (k = E, where every expert receives every token).
 
     >>> from moewidgets.trace import RoutingTrace
@@ -270,7 +270,13 @@ def routing_weights(trace, weighting: str = "gates") -> torch.Tensor:
         return trace.membership()
     g = trace.gates_TK
     out_TE = torch.zeros(trace.n_tokens, trace.n_experts, dtype=g.dtype, device=g.device)
-    return out_TE.scatter_(1, trace.idx_TK[:, :1], 1.0)
+    return out_TE.scatter_(1, trace.idx_TK.gather(1, _top_slot(g)), 1.0)
+
+
+def _top_slot(gates_TK: torch.Tensor) -> torch.Tensor:
+    """The slot of each token's largest gate, (T, 1). Not always slot 0: fully soft routing (k = E) lists the
+    experts in index order, not by score."""
+    return gates_TK.argmax(dim=1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------- group fitting
@@ -574,8 +580,9 @@ def trace_subspaces(trace, *, space: str = "inputs", weighting: str = "gates", r
         w_P = trace.gates_TK.detach().to(device=pool_MD.device, dtype=dtype).reshape(-1)
     else:
         w_P = pool_MD.new_ones(T * K)
-        if weighting == "argmax":                                           # slot 0 only
-            w_P = w_P * (torch.arange(T * K, device=pool_MD.device) % K == 0)
+        if weighting == "argmax":                                           # each token's top-gate slot only
+            top_T = _top_slot(trace.gates_TK).reshape(-1).to(pool_MD.device)
+            w_P = w_P * (torch.arange(T * K, device=pool_MD.device) % K == top_T.repeat_interleave(K))
     groups = [((idx_P == e) & (w_P > 0)).nonzero(as_tuple=True)[0] for e in range(E)]
     weights = [w_P[g] for g in groups]
     return _fit_experts(pool_MD, groups, weights, rank, variance, min_tokens, "outputs", weighting)

@@ -4,12 +4,12 @@
 executor) and writes one row per (arm, seed) to ``book/results/CHAPTER.jsonl`` (config, seed, metrics, wall time,
 device, versions). The chapter renders its claims table from that file and re-runs :func:`pinned_subset` live.
 
-One module per chapter (``chapter1``, ``chapter3``, ``chapter4``, ...) holds its arms, its job function and its verdicts;
+One module per chapter (``chapter1`` … ``chapter4``) holds its arms, its job function and its verdicts;
 :data:`CHAPTERS` registers them, so the command line, :func:`reproduce` and :func:`pinned_subset` know every chapter.
 What all chapters share (pass rule, :class:`ClaimResult`, :func:`claims_table`, convergence) is in ``common``.
 
 >>> sorted(CHAPTERS)
-['chapter1', 'chapter3', 'chapter4']
+['chapter1', 'chapter2', 'chapter3', 'chapter4']
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from typing import Any, Callable
 from ..sweep import Job, run_jobs, write_jsonl
 from .chapter1 import (CHAPTER1_ARMS, CHAPTER1_TRAIN, PINNED_METRICS, chapter1_claims, chapter1_job, chapter1_jobs,
                        chapter1_run)
+from .chapter2 import (CHAPTER2_ARMS, CHAPTER2_PINNED_ARMS, PINNED_METRICS_CH2, chapter2_claims, chapter2_job,
+                       chapter2_jobs, chapter2_lm_config, chapter2_mlp_run)
 from .chapter3 import (CHAPTER3_ARMS, CHAPTER3_TRAIN, PINNED_METRICS_CH3, chapter3_claims, chapter3_job,
                        chapter3_jobs, chapter3_run)
 from .chapter4 import (CHAPTER4_ARMS, CHAPTER4_TRAIN, PINNED_METRICS_CH4, chapter4_claims, chapter4_job,
@@ -30,6 +32,7 @@ from .common import (CONVERGENCE_MARGIN, PROBE_POINTS, RESULTS_DIR, ClaimResult,
 __all__ = ["CHAPTERS", "Chapter", "reproduce", "pinned_subset", "load_results", "claims_table", "ClaimResult",
            "PinnedCheck", "bootstrap_ci", "RESULTS_DIR", "CONVERGENCE_MARGIN", "PROBE_POINTS",
            "CHAPTER1_ARMS", "CHAPTER1_TRAIN", "chapter1_run", "chapter1_jobs", "chapter1_job", "chapter1_claims",
+           "CHAPTER2_ARMS", "chapter2_mlp_run", "chapter2_lm_config", "chapter2_jobs", "chapter2_job", "chapter2_claims",
            "CHAPTER3_ARMS", "CHAPTER3_TRAIN", "chapter3_run", "chapter3_jobs", "chapter3_job", "chapter3_claims",
            "CHAPTER4_ARMS", "CHAPTER4_TRAIN", "chapter4_run", "chapter4_jobs", "chapter4_job", "chapter4_claims",
            "chapter4_timing_job"]
@@ -58,6 +61,7 @@ class Chapter:
 #: Every chapter with claim runs, by name (``python -m moewidgets reproduce NAME``).
 CHAPTERS: dict[str, Chapter] = {
     "chapter1": Chapter(chapter1_jobs, chapter1_claims, chapter1_job, tuple(CHAPTER1_ARMS), PINNED_METRICS),
+    "chapter2": Chapter(chapter2_jobs, chapter2_claims, chapter2_job, CHAPTER2_PINNED_ARMS, PINNED_METRICS_CH2),
     "chapter3": Chapter(chapter3_jobs, chapter3_claims, chapter3_job, tuple(CHAPTER3_ARMS), PINNED_METRICS_CH3),
     "chapter4": Chapter(chapter4_jobs, chapter4_claims, chapter4_job, tuple(CHAPTER4_ARMS), PINNED_METRICS_CH4),
 }
