@@ -84,7 +84,7 @@ def bench_retrain(repeats: int = 5, device: str = "cpu", log=print) -> dict:
             times[kind].append(time.perf_counter() - t0)
     ours, ref = stats(times["ours"]), stats(times["dense-masked loop"])
     speedup = ratio_stats(times["dense-masked loop"], times["ours"])
-    disp = mw.nn.choose_dispatch(run.train.batch_size, cfg.n_experts, cfg.k, cfg.d_model, cfg.d_hidden)
+    disp = mw.nn.choose_dispatch(run.train.batch_size, cfg.n_experts, cfg.k, cfg.d_model, cfg.d_hidden, cfg.expert)
     out = {"what": "chapter-1 default retrain (E=8, k=2, D=32, m=64, batch 256, 400 steps)",
            "target_s": RETRAIN_TARGET_S, "ours": ours, "reference": ref, "reference_name": "dense-masked loop",
            "speedup": speedup, "dispatch": disp, "steps": run.train.steps}

@@ -136,7 +136,7 @@ def bench_point(T: int, D: int, E: int, K: int, repeats: int, min_block_s: float
     times, inner = interleaved({"ours": ours, "transformers": theirs}, repeats, min_block_s, device)
     flops = layer_flops(T, D, F, E, K)
     on_cpu = torch.device(device).type == "cpu"
-    out = {"T": T, "D": D, "F": F, "E": E, "K": K, "dispatch": choose_dispatch(T, E, K, D, F), "match": match,
+    out = {"T": T, "D": D, "F": F, "E": E, "K": K, "dispatch": choose_dispatch(T, E, K, D, F, "swiglu"), "match": match,
            "ours": stats(times["ours"]), "transformers": stats(times["transformers"]),
            "speedup": ratio_stats(times["transformers"], times["ours"]), "inner": inner, "ops": ops,
            "flops": flops}

@@ -235,7 +235,7 @@ class MultiSeedTrainer:
         if self.dispatch != "auto":
             return self.dispatch
         c = self.cfg
-        return choose_dispatch(n_tokens, c.n_experts, c.k, c.d_model, c.d_hidden)
+        return choose_dispatch(n_tokens, c.n_experts, c.k, c.d_model, c.d_hidden, c.expert)
 
     def _all_outputs(self, x_SBD: torch.Tensor) -> torch.Tensor:
         """Every expert of seed s on every token of seed s, (S, B, E, D) (the bank's ``all_outputs`` per seed)."""

@@ -40,15 +40,17 @@ class MoEOutput:
     routing: RouterOutput | None
 
 
-def choose_dispatch(n_tokens: int, n_experts: int, k: int, d_model: int, d_hidden: int) -> str:
+def choose_dispatch(n_tokens: int, n_experts: int, k: int, d_model: int, d_hidden: int, expert: str = "gelu") -> str:
     """``"dense"`` while the wasted FLOPs of running every expert cost less than the gather path's extra ops.
 
-    Dense costs ≈ 6·T·E·F·D FLOPs (fwd + bwd, two matmuls); gather costs ≈ 6·T·K·F·D plus ~20 extra ops
-    (≈ 4 µs each on a CPU). With ≈ 170 GFLOP/s the break-even waste is ≈ 80 µs ≈ 14 MFLOP.
+    Dense costs ≈ 3·m·T·E·F·D multiply-adds (fwd + bwd, m = 2 matmuls per GELU expert, 3 per SwiGLU expert); gather
+    costs ≈ 3·m·T·K·F·D plus ~20 extra ops (≈ 4 µs each on a CPU). With ≈ 170 GFLOP/s the break-even waste is
+    ≈ 80 µs ≈ 14 MFLOP (measured in ``bench/``: a SwiGLU layer at T=512, E=4, k=2, D=32 ran 2× slower dense).
     """
     if k == n_experts:
         return "dense"
-    wasted_flops = 6.0 * n_tokens * (n_experts - k) * d_hidden * d_model
+    matmuls = 3 if expert == "swiglu" else 2
+    wasted_flops = 3.0 * matmuls * n_tokens * (n_experts - k) * d_hidden * d_model
     return "dense" if wasted_flops < 14e6 else "gather"
 
 
@@ -90,7 +92,7 @@ class MoELayer(nn.Module):
         path = self.dispatch
         if path == "auto":
             path = choose_dispatch(x_TD.shape[0], self.cfg.n_experts, self.cfg.k, self.cfg.d_model,
-                                   self.cfg.d_hidden)
+                                   self.cfg.d_hidden, self.cfg.expert)
         combine = self._combine_dense if path == "dense" else self._combine_gather
         y_TD = combine(x_TD, routing.gates_TK, routing.idx_TK)
         if self.training and hasattr(self.router, "update"):
