@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import time
 from typing import Any, Callable, ClassVar
 
 import ipywidgets as W
@@ -75,7 +76,13 @@ class DashboardBase:
 
     views: Any
 
+    redraw_s: float = 0.2      # at most 5 redraws per second (plus the final one): serialising growing curves
+                               # costs more than a chunk of training at widget sizes
+
     def __init__(self, config: RunConfig | None = None, autostart: bool = True):
+        self.redraws = 0                    # redraws done (all runs)
+        self._drawn_at = -math.inf          # when the last redraw finished
+        self._drawn_generation = -1         # the run it belonged to
         self._initial = config if config is not None else self._default_config()
         self._config = self._initial
         self._syncing = False               # True while code (not the user) sets widget values
@@ -122,6 +129,20 @@ class DashboardBase:
     def _summary_extra(self) -> str:
         """Text appended to the status summary before the phase."""
         return ""
+
+    def _redraw_due(self, st: RunState, final: bool) -> bool:
+        """True when the views should be redrawn now: the first chunk of a new run, ``final``, or ``redraw_s``
+        after the last redraw. Counts the redraw; call :meth:`_redrawn` when it is done."""
+        if st.generation != self._drawn_generation:
+            self._drawn_generation, self._drawn_at = st.generation, -math.inf
+        if not final and time.perf_counter() - self._drawn_at < self.redraw_s:
+            return False
+        self.redraws += 1
+        return True
+
+    def _redrawn(self) -> None:
+        """Mark the end of a redraw (the next one is due ``redraw_s`` later, so training always gets that time)."""
+        self._drawn_at = time.perf_counter()
 
     # -- widgets -------------------------------------------------------------------------------------------------
     def _build_widgets(self) -> None:

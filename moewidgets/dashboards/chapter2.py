@@ -261,11 +261,8 @@ class Chapter2Dashboard(DashboardBase):
 
     def __init__(self, config: RunConfig | None = None, autostart: bool = True):
         self.track: AsymmetryTrack | None = None
-        self.redraw_s = 0.2                 # at most 5 redraws per second (plus the final one)
         self.geometry_every = 1             # geometry at every N-th redraw (≈ 5% of a default retrain) and at the end
         self.rank, self.n_draws, self.n_splits = RANK, 12, 6
-        self.redraws = 0
-        self._drawn_at = -math.inf
         self.views = Chapter2Views.build()
         super().__init__(config, autostart)
 
@@ -313,18 +310,16 @@ class Chapter2Dashboard(DashboardBase):
         tr = st.trainer
         if self.track is None or self.track.generation != st.generation:
             self.track = AsymmetryTrack(st.generation)
-            self._drawn_at = -math.inf
         t = self.track
-        if time.perf_counter() - self._drawn_at < self.redraw_s and not tr.done:
+        if not self._redraw_due(st, final=tr.done):
             return
         t.redraws += 1
-        self.redraws += 1
         h = tr.history
         V.update_series(self.views.loss, h.step, [h.loss])
         if tr.done or t.redraws % self.geometry_every == 0:
             self._draw_geometry(st)
         self._write_caption(st)
-        self._drawn_at = time.perf_counter()       # after the geometry: training always gets redraw_s between
+        self._redrawn()                           # after the geometry: training always gets redraw_s between
 
     def _draw_geometry(self, st: RunState) -> None:
         """One geometry pass, drawn. A failure is reported in the caption; the last plots and the run go on."""

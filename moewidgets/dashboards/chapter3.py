@@ -18,8 +18,6 @@ Chapter 3 (book/chapter3.ipynb).
 from __future__ import annotations
 
 import html
-import math
-import time
 from dataclasses import dataclass, field
 
 import ipywidgets as W
@@ -121,9 +119,6 @@ class Chapter3Dashboard(DashboardBase):
 
     def __init__(self, config: RunConfig | None = None, autostart: bool = True):
         self.track: CouplingTrack | None = None
-        self.redraw_s = 0.2                 # at most 5 redraws per second (plus the final one)
-        self.redraws = 0
-        self._drawn_at = -math.inf
         self.views = Chapter3Views.build()
         super().__init__(config, autostart)
 
@@ -176,16 +171,13 @@ class Chapter3Dashboard(DashboardBase):
         tr, ref = st.trainer, st.reference
         if self.track is None or self.track.generation != st.generation:
             self.track = CouplingTrack(st.generation)
-            self._drawn_at = -math.inf
         t = self.track
         t.maxvio.extend(max_violation(torch.tensor(ld)) for ld in tr.history.load[len(t.maxvio):])
         if ref is not None:
             t.ref_maxvio.extend(max_violation(torch.tensor(ld)) for ld in ref.history.load[len(t.ref_maxvio):])
-        now = time.perf_counter()
-        if now - self._drawn_at < self.redraw_s and not (tr.done and (ref is None or ref.done)):
+        if not self._redraw_due(st, final=tr.done and (ref is None or ref.done)):
             return
-        self._drawn_at = now
-        self.redraws += 1
+        self._redrawn()
         layer = tr.model.layer
         with torch.no_grad():
             t.similarity = _similarity(tr)

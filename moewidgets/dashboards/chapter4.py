@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import html
 import math
-import time
 from dataclasses import dataclass, field
 
 import ipywidgets as W
@@ -135,9 +134,6 @@ class Chapter4Dashboard(DashboardBase):
 
     def __init__(self, config: RunConfig | None = None, autostart: bool = True):
         self.track: AlignmentTrack | None = None
-        self.redraw_s = 0.2                 # at most 5 redraws per second (plus the final one)
-        self.redraws = 0
-        self._drawn_at = -math.inf
         self.views = Chapter4Views.build()
         super().__init__(config, autostart)
 
@@ -196,7 +192,6 @@ class Chapter4Dashboard(DashboardBase):
         tr, ref = st.trainer, st.reference
         if self.track is None or self.track.generation != st.generation:
             self.track = AlignmentTrack(st.generation)
-            self._drawn_at = -math.inf
         t = self.track
         t.now = _alignment(tr)
         t.step.append(tr.steps_done)
@@ -209,11 +204,9 @@ class Chapter4Dashboard(DashboardBase):
         t.maxvio.extend(max_violation(torch.tensor(ld)) if ld else 0.0 for ld in tr.history.load[len(t.maxvio):])
         if ref is not None:
             t.ref_maxvio.extend(max_violation(torch.tensor(ld)) for ld in ref.history.load[len(t.ref_maxvio):])
-        now = time.perf_counter()
-        if now - self._drawn_at < self.redraw_s and not (tr.done and (ref is None or ref.done)):
+        if not self._redraw_due(st, final=tr.done and (ref is None or ref.done)):
             return
-        self._drawn_at = now
-        self.redraws += 1
+        self._redrawn()
         v = self.views
         angle_ES = np.asarray(t.angle_SE).T
         r = t.ref_now if ref is not None else t.now            # a plain run is its own reference

@@ -16,7 +16,7 @@ import torch
 from ..config import MoEConfig, RunConfig, TaskConfig, TrainConfig
 from ..sweep import Job
 from ..train import torch_threads
-from .common import PROBE_POINTS, ClaimResult, _by_arm, _compare, _converged, bootstrap_ci
+from .common import _with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _converged, bootstrap_ci
 
 __all__ = ["CHAPTER1_ARMS", "CHAPTER1_TRAIN", "chapter1_run", "chapter1_job", "chapter1_jobs", "chapter1_claims",
            "PINNED_METRICS"]
@@ -117,10 +117,7 @@ def chapter1_claims(rows: list[dict]) -> list[ClaimResult]:
     """SC-1 … SC-6 of paper 1 (spec §1.6) from chapter-1 claim-run rows (see module docstring for the rule)."""
     arms = _by_arm(rows)
     # SC-6 compares trained with initial values: expose "arm@init" views whose metrics are the init_ ones
-    for arm in list(CHAPTER1_ARMS):
-        if arm in arms:
-            arms[arm + "@init"] = {s: {k[5:]: v for k, v in m.items() if k.startswith("init_")}
-                                   for s, m in arms[arm].items()}
+    _with_init_views(arms, CHAPTER1_ARMS)
     moe = ["top-1", "top-2", "top-4", "soft"]
     out: list[ClaimResult] = []
     for a in moe:

@@ -19,7 +19,7 @@ import torch
 from ..config import MoEConfig, RunConfig, TaskConfig, TrainConfig
 from ..sweep import Job
 from ..train import torch_threads
-from .common import PROBE_POINTS, ClaimResult, _by_arm, _compare, _versus_constant
+from .common import _with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _versus_constant
 
 __all__ = ["CHAPTER3_ARMS", "CHAPTER3_TRAIN", "CHAPTER3_MODEL", "CHAPTER3_TASK", "chapter3_run", "chapter3_job",
            "chapter3_jobs", "chapter3_claims", "PINNED_METRICS_CH3"]
@@ -177,10 +177,7 @@ def chapter3_claims(rows: list[dict]) -> list[ClaimResult]:
     ``A`` is the arm, ``B`` the comparison arm or a fixed level; ``arm@init`` uses the values at initialisation
     and ``arm@×1.5`` multiplies the comparison arm's metric by 1.5 (a ratio claim)."""
     arms = _by_arm(rows)
-    for arm in list(CHAPTER3_ARMS):
-        if arm in arms:
-            arms[arm + "@init"] = {s: {k[5:]: v for k, v in m.items() if k.startswith("init_")}
-                                   for s, m in arms[arm].items()}
+    _with_init_views(arms, CHAPTER3_ARMS)
     out = [
         _versus_constant(arms, "RC-a", "selected rows ∥ x, 'renorm' gate (1 − min |cos| < 1e-10, float64)",
                          "coupling_err_renorm", "none", 1e-10, -1),

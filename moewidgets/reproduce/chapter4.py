@@ -13,7 +13,7 @@ import torch
 from ..config import MoEConfig, RunConfig, TaskConfig, TrainConfig
 from ..sweep import Job
 from ..train import torch_threads
-from .common import PROBE_POINTS, ClaimResult, _by_arm, _compare, _shifted, _versus_constant
+from .common import _with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _shifted, _versus_constant
 
 __all__ = ["CHAPTER4_ARMS", "CHAPTER4_TRAIN", "chapter4_run", "chapter4_job", "chapter4_timing_job",
            "chapter4_jobs", "chapter4_claims", "PINNED_METRICS_CH4"]
@@ -221,10 +221,7 @@ def chapter4_claims(rows: list[dict]) -> list[ClaimResult]:
     ``A`` is the arm, ``B`` the comparison arm or a fixed level; ``arm@init`` uses the values at initialisation
     and ``arm@+0.2`` adds a margin of 0.2 to the comparison arm."""
     arms = _by_arm(rows)
-    for arm in list(CHAPTER4_ARMS):
-        if arm in arms:
-            arms[arm + "@init"] = {s: {k[5:]: v for k, v in m.items() if k.startswith("init_")}
-                                   for s, m in arms[arm].items()}
+    _with_init_views(arms, CHAPTER4_ARMS)
     out = [
         _versus_constant(arms, "MPI-a", "retracted Riemannian step = power step (float64, rel. error)",
                          "identity_err", "mpi", 1e-10, -1),

@@ -58,6 +58,16 @@ def _by_arm(rows: list[dict]) -> dict[str, dict[int, dict]]:
     return out
 
 
+def _with_init_views(arms: dict[str, dict[int, dict]], names) -> dict[str, dict[int, dict]]:
+    """Add an ``arm@init`` view for every arm in ``names``: its metrics are the arm's ``init_*`` ones, renamed (the
+    claims that compare a trained model with its initialisation). Returns ``arms``."""
+    for arm in list(names):
+        if arm in arms:
+            arms[arm + "@init"] = {s: {k[5:]: v for k, v in m.items() if k.startswith("init_")}
+                                   for s, m in arms[arm].items()}
+    return arms
+
+
 def _converged(arms: dict[str, dict[int, dict]], arm: str) -> bool:
     long = arms.get(arm + ":4x", {})
     base = arms.get(arm, {})
