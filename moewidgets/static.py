@@ -13,7 +13,8 @@ interpolated: only the computed points can be shown, and the live dashboard retr
 Shape legend: E experts, J singular-value index, S recorded steps.
 
 Data flows one way: the grid data (JSON, written by ``tools/make_static_figures.py``) → the chapter's figure
-(:func:`chapter1_static_figure`, :func:`chapter4_static_figure`) → :func:`static_grid_html` → the book's
+(:func:`chapter1_static_figure`, :func:`chapter3_static_figure`, :func:`chapter4_static_figure`) →
+:func:`static_grid_html` → the book's
 ``_extra/figures/chapterN.html``, shown in the chapter through an ``<iframe>``.
 
 >>> from bokeh.models import ColumnDataSource
@@ -27,7 +28,8 @@ Data flows one way: the grid data (JSON, written by ``tools/make_static_figures.
 >>> [s.categories for s in sg.sliders], src.data["y"], sg.table["line"][3].data["y"]
 ([['1', '2'], ['0.5', '5']], [2, 0.5], [2, 5.0])
 
-Chapters 1 and 4 (book/chapter1.ipynb, book/chapter4.ipynb) embed the pages these functions write.
+Chapters 1, 3 and 4 (book/chapter1.ipynb, book/chapter3.ipynb, book/chapter4.ipynb) embed the pages these functions
+write.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from bokeh.resources import INLINE
 from . import views as V
 
 __all__ = ["GridAxis", "StaticGridFigure", "static_grid_figure", "static_grid_html", "source_data",
-           "chapter1_static_figure", "chapter4_static_figure", "STATIC_FIGURES"]
+           "chapter1_static_figure", "chapter3_static_figure", "chapter4_static_figure", "STATIC_FIGURES"]
 
 # The callback: the two slider labels → the grid index → one new data dict per plotted source (a shallow copy, so
 # a later swap never aliases a table source) and the caption. Row-major: index = i * n_b + j.
@@ -286,6 +288,46 @@ def chapter1_static_figure(data: Mapping) -> StaticGridFigure:
     return static_grid_figure(grid, axes, body, sources, captions, tuple(data["initial"]), _footer(data))
 
 
+def chapter3_static_figure(data: Mapping) -> StaticGridFigure:
+    """Chapter 3's router-row cosines and per-expert loads over router / balancing α × loss-free γ.
+
+    The first slider's values are ``"kmeans"`` (the online K-Means router, no aux loss) and the aux weights α of the
+    learned softmax router; the second slider is the loss-free rate γ. ``data`` fields (besides the common ones):
+    per point ``router``, ``aux_weight``, ``cos_EE`` (the router rows' pairwise cosines, E×E), ``s_abs`` and
+    ``s_signed`` (mean over i < j of the absolute and the signed cosine), ``load_E`` (each expert's fraction of
+    the assignments on the fixed probe batch), ``maxvio`` (on that batch), ``dead`` (experts with no assignment),
+    ``final_loss``; ``probe_tokens``: the probe batch size. The no-balancing reference of a point is the grid's own
+    α = 0, γ = 0 point of the same router (named in the caption). Views:
+    :func:`~moewidgets.views.build_heatmap_view` (fixed colour scale [-1, 1]),
+    :func:`~moewidgets.views.build_bars_view`.
+    """
+    axes = _axes(data)
+    rows = V.build_heatmap_view("Router-row cosines (S_abs, S_signed: caption)", "cos(r_i, r_j)", low=-1.0, high=1.0)
+    load = V.build_bars_view("Load per expert (probe batch)", "fraction of assignments", ref_label="uniform 1/E")
+    points = _points(data, axes)
+    unbalanced = {p["router"]: p for p in points.values() if p["aux_weight"] == 0 and p["lf_rate"] == 0}
+    grid, captions = {}, {}
+    for key, p in points.items():
+        V.update_heatmap(rows, _nan([v for r in p["cos_EE"] for v in r]).reshape(len(p["cos_EE"]), -1))
+        V.update_bars(load, _nan(p["load_E"]), 1.0 / len(p["load_E"]))
+        grid[key] = _snapshot(("rows.cells", rows.cells), ("load.bars", load.bars), ("load.ref", load.ref))
+        ref = unbalanced.get(p["router"])
+        ref_text = (f" (no balancing: S<sub>abs</sub> {_fmt(ref['s_abs'])}, MaxVio {_fmt(ref['maxvio'])})"
+                    if ref is not None and ref is not p else " · the no-balancing run" if ref is p else "")
+        head = ("K-Means router" if p["router"] == "kmeans" else f"{html.escape(p['router'])} router, "
+                f"α={p['aux_weight']:g}")
+        dead = (f" · dead expert{'s' if len(p['dead']) != 1 else ''} {', '.join(map(str, p['dead']))}"
+                if p["dead"] else " · no dead expert")
+        captions[key] = (f"<b>{head}, γ={p['lf_rate']:g}</b> · S<sub>abs</sub> {_fmt(p['s_abs'])}, "
+                         f"S<sub>signed</sub> {_fmt(p['s_signed'], '+.2f')} · MaxVio (probe batch of "
+                         f"{data['probe_tokens']}) {_fmt(p['maxvio'])}{ref_text}{dead} · final train MSE "
+                         f"{p['final_loss']:.2g} · rows = "
+                         f"{'K-Means centroids' if p['router'] == 'kmeans' else 'learned router rows'}")
+    body = gridplot([[rows.figure, load.figure]], toolbar_location="right")
+    sources = {"rows.cells": rows.cells, "load.bars": load.bars, "load.ref": load.ref}
+    return static_grid_figure(grid, axes, body, sources, captions, tuple(data["initial"]), _footer(data))
+
+
 def chapter4_static_figure(data: Mapping) -> StaticGridFigure:
     """Chapter 4's router-row alignment over C' (the MPI row scale) × the balancing weight α.
 
@@ -322,5 +364,6 @@ def chapter4_static_figure(data: Mapping) -> StaticGridFigure:
 # chapter → (figure builder, page title): what tools/make_static_figures.py renders
 STATIC_FIGURES = {
     "chapter1": (chapter1_static_figure, "Chapter 1: expert Jacobian spectra over top-k × temperature"),
+    "chapter3": (chapter3_static_figure, "Chapter 3: router-row cosines and expert loads over router / α × γ"),
     "chapter4": (chapter4_static_figure, "Chapter 4: router-row alignment over C' × balancing α"),
 }

@@ -19,8 +19,8 @@ import pytest
 from bokeh.models import ColumnDataSource, GlyphRenderer
 from bokeh.plotting import figure
 
-from moewidgets.static import (STATIC_FIGURES, GridAxis, chapter1_static_figure, chapter4_static_figure,
-                               static_grid_figure, static_grid_html)
+from moewidgets.static import (STATIC_FIGURES, GridAxis, chapter1_static_figure, chapter3_static_figure,
+                               chapter4_static_figure, static_grid_figure, static_grid_html)
 from moewidgets.views import LOG_FLOOR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,6 +264,42 @@ def test_chapter1_figure_plots_each_points_spectra_and_sigma1():
         assert f"top-{p['k']} of 3, τ={p['temperature']:g}" in sg.captions[n] and "1 dead expert " in sg.captions[n]
 
 
+def ch3_data():
+    axes = [GridAxis("router_alpha", "router / α", ("kmeans", 0.0, 0.1), ("k-means", "0", "0.1")).to_dict(),
+            GridAxis("lf_rate", "γ", (0.0, 1e-3)).to_dict()]
+    points = []
+    for ra, g in product(("kmeans", 0.0, 0.1), (0.0, 1e-3)):
+        a = 0.0 if ra == "kmeans" else ra
+        cos = [[1.0, a - 0.5, g], [a - 0.5, 1.0, -0.25], [g, -0.25, 1.0]]
+        points.append(dict(router_alpha=ra, lf_rate=g, router="kmeans" if ra == "kmeans" else "softmax",
+                           aux_weight=a, cos_EE=cos, s_abs=0.3 + a, s_signed=-0.1 + g, load_E=[0.5 - a, 0.5 + a, 0.0],
+                           maxvio=0.5 + 3 * a, dead=[2], final_loss=0.01))
+    return dict(axes=axes, initial=[0.1, 0.0], points=points, probe_tokens=64, runs="6 toy runs")
+
+
+def test_chapter3_figure_plots_each_points_cosines_and_loads():
+    data = ch3_data()
+    sg = chapter3_static_figure(data)
+    assert [s.categories for s in sg.sliders] == [["k-means", "0", "0.1"], ["0", "0.001"]]
+    assert [s.value for s in sg.sliders] == ["0.1", "0"]
+    for p in data["points"]:
+        n = sg.index((p["router_alpha"], p["lf_rate"]))
+        cells = sg.table["rows.cells"][n].data
+        # the oracle: cell (row i, column j) holds cos_EE[i][j], written out as a loop
+        for x, y, v in zip(cells["x"], cells["y"], cells["value"]):
+            assert v == pytest.approx(p["cos_EE"][int(y)][int(x)], rel=1e-6)
+        assert len(cells["value"]) == 9
+        assert np.allclose(sg.table["load.bars"][n].data["top"], p["load_E"])
+        assert np.allclose(sg.table["load.ref"][n].data["y"], [1 / 3, 1 / 3])
+        head = "K-Means router" if p["router"] == "kmeans" else f"softmax router, α={p['aux_weight']:g}"
+        assert f"<b>{head}, γ={p['lf_rate']:g}</b>" in sg.captions[n]
+        assert f"S<sub>abs</sub> {p['s_abs']:.2f}, S<sub>signed</sub> {p['s_signed']:+.2f}" in sg.captions[n]
+        assert f"MaxVio (probe batch of 64) {p['maxvio']:.2f}" in sg.captions[n] and "dead expert 2" in sg.captions[n]
+        unbalanced = p["aux_weight"] == 0 and p["lf_rate"] == 0
+        # the no-balancing reference is the same router's α = 0, γ = 0 grid point
+        assert ("no balancing: S<sub>abs</sub> 0.30" in sg.captions[n]) == (not unbalanced)
+
+
 def ch4_data():
     axes = [GridAxis("mpi_scale", "C'", (0.5, 1.0)).to_dict(), GridAxis("aux_weight", "α", (0.0, 0.1)).to_dict()]
     points = []
@@ -308,7 +344,7 @@ def test_committed_page_is_complete_and_self_contained(chapter):
     build, _ = STATIC_FIGURES[chapter]
     expected = sorted(s.name for srcs in build(data).table.values() for s in srcs)
     assert sorted(n for n in embedded_source_names(page) if n and "[" in n) == expected
-    assert len(expected) == len(keys) * 4
+    assert len(expected) == len(keys) * len(build(data).sources)
 
 
 def _tool():
@@ -323,15 +359,21 @@ def test_committed_grid_data_still_reproduces():
     2 % (bitwise on the machine that wrote it; the tolerance covers other CPUs and library versions)."""
     tool = _tool()
     ch1 = json.loads((FIGURES / "chapter1.json").read_text())
+    ch3 = json.loads((FIGURES / "chapter3.json").read_text())
     ch4 = json.loads((FIGURES / "chapter4.json").read_text())
     with tool.torch_threads(1):
         now1 = tool.chapter1_point(*ch1["initial"])
+        now3 = tool.chapter3_point(*ch3["initial"])
         now4 = tool.chapter4_point(*ch4["initial"], reference={})
     then1 = next(p for p in ch1["points"] if [p["k"], p["temperature"]] == ch1["initial"])
     then4 = next(p for p in ch4["points"] if [p["mpi_scale"], p["aux_weight"]] == ch4["initial"])
     assert now1["final_loss"] == pytest.approx(then1["final_loss"], rel=0.02)
     assert np.nanmean(np.array(now1["sigma1_E"], dtype=float)) == \
         pytest.approx(np.nanmean(np.array(then1["sigma1_E"], dtype=float)), rel=0.02)
+    then3 = next(p for p in ch3["points"] if [p["router_alpha"], p["lf_rate"]] == ch3["initial"])
+    assert now3["final_loss"] == pytest.approx(then3["final_loss"], rel=0.02)
+    assert now3["s_abs"] == pytest.approx(then3["s_abs"], rel=0.02)
+    assert np.allclose(now3["load_E"], then3["load_E"], atol=0.01)
     assert now4["final_loss"] == pytest.approx(then4["final_loss"], rel=0.02)
     assert np.mean(now4["lam_E"]) == pytest.approx(np.mean(then4["lam_E"]), rel=0.02)
     assert now4["steps_S"] == then4["steps_S"]

@@ -169,6 +169,10 @@ dash"""))
 cells.append(code(r"""await dash.wait()              # the first run, to its last step
 print(dash.status_summary())"""))
 
+cells.append(md(r"""**Without a kernel** (the built HTML book): the router-row cosines and the expert loads, precomputed over the router (K-Means, or the softmax router at each balancing weight α) × the loss-free rate γ by `make figures` (each point trained as the dashboard would); the sliders below pick a grid point.
+
+<iframe src="figures/chapter3.html" title="Router-row cosines and expert loads over router / balancing α × loss-free γ (precomputed)" width="100%" height="480" style="border: 0;" loading="lazy"></iframe>"""))
+
 cells.append(md(r"""## The claims, over 5 seeds
 
 The table is rendered from `book/results/chapter3.jsonl`, written by

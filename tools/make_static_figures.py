@@ -1,8 +1,8 @@
 """Train the grids behind the book's kernel-free figures and write them (data as JSON, figure as one HTML page).
 
-    python tools/make_static_figures.py                 # train both grids (≈ 1 min on 2 idle cores), write all
+    python tools/make_static_figures.py                 # train every grid (≈ 1 min each on 2 idle cores), write all
     python tools/make_static_figures.py --render-only   # re-render the HTML from the committed JSON (seconds)
-    python tools/make_static_figures.py --chapters chapter4
+    python tools/make_static_figures.py --chapters chapter3   # train and write one chapter only
 
 Writes book/_extra/figures/chapterN.json and chapterN.html. The book copies book/_extra/ into its HTML root
 (``html_extra_path``), and each chapter shows its page in an ``<iframe src="figures/chapterN.html">``.
@@ -12,6 +12,9 @@ with one torch thread:
 
 * chapter 1: top-k ∈ {1, 2, 4, 8 (fully soft)} × τ ∈ {0.1, 0.3, 1, 3, 10}; the other fields as the dashboard's
   default (E=8, D=32, m=64, gate "softmax", α=0, seed 0, 400 steps); the parameter-matched dense baseline once.
+* chapter 3: router / α ∈ {K-Means, softmax with α = 0, 1e-3, 1e-2, 0.1} × loss-free γ ∈ {0, 1e-4, 1e-3, 1e-2};
+  the other fields as the dashboard's default (SwiGLU experts, gate "renorm", top-2 of 8, task offset 0.5, seed 0,
+  400 steps); the K-Means points have α = 0 (the aux loss has no router parameter to act on there).
 * chapter 4: C' ∈ {0.1, 0.3, 1, 3, 10} × α ∈ {0, 1e-3, 1e-2, 0.1, 1} with the MPI router (one power step, gate
   "renorm", top-2 of 8, seed 0, 400 steps), and the plain softmax router at each α as the reference.
 """
@@ -32,10 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 import moewidgets  # noqa: E402
 from moewidgets.config import RunConfig  # noqa: E402
+from moewidgets.balance import expert_counts, load_stats  # noqa: E402
 from moewidgets.dashboards.chapter1 import N_PROBE, dense_baseline  # noqa: E402
+from moewidgets.dashboards.chapter3 import DEFAULT_RUN as CH3_RUN, LF_RATES, PROBE_TOKENS  # noqa: E402
 from moewidgets.dashboards.chapter4 import DEFAULT_RUN as CH4_RUN, plain_router  # noqa: E402
 from moewidgets.data import make_task  # noqa: E402
 from moewidgets.geometry import chapter1_probes, row_alignment  # noqa: E402
+from moewidgets.geometry.coupling import router_row_similarity  # noqa: E402
 from moewidgets.nn.routers import input_side_weights  # noqa: E402
 from moewidgets.static import STATIC_FIGURES, GridAxis, static_grid_html  # noqa: E402
 from moewidgets.train import Trainer, torch_threads, trace_model  # noqa: E402
@@ -46,6 +52,10 @@ CH1_RUN = RunConfig()
 CH1_AXES = (GridAxis("k", "top-k (8 = fully soft)", (1, 2, 4, 8)),
             GridAxis("temperature", "temperature τ", (0.1, 0.3, 1.0, 3.0, 10.0)))
 CH1_INITIAL = (2, 1.0)                 # the dashboard's default
+CH3_AXES = (GridAxis("router_alpha", "router / balancing α", ("kmeans", 0.0, 1e-3, 1e-2, 1e-1),
+                     ("k-means", "0", "0.001", "0.01", "0.1")),
+            GridAxis("lf_rate", "loss-free γ", LF_RATES))
+CH3_INITIAL = (CH3_RUN.model.aux_weight, 0.0)   # the dashboard's default: softmax, α = 0.01, γ = 0
 CH4_AXES = (GridAxis("mpi_scale", "MPI row scale C'", (0.1, 0.3, 1.0, 3.0, 10.0)),
             GridAxis("aux_weight", "balancing weight α", (0.0, 1e-3, 1e-2, 1e-1, 1.0)))
 CH4_INITIAL = (1.0, 1e-2)              # the dashboard's default
@@ -107,6 +117,50 @@ def chapter1_grid(log=print) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def chapter3_run(router_alpha, lf_rate: float) -> RunConfig:
+    """The dashboard's run at one grid point: ``router_alpha`` is ``"kmeans"`` (K-Means router, α = 0) or the
+    softmax router's α."""
+    m = CH3_RUN.model
+    model = (m.replace(router="kmeans", aux_weight=0.0, lf_rate=lf_rate) if router_alpha == "kmeans"
+             else m.replace(router="softmax", aux_weight=float(router_alpha), lf_rate=lf_rate))
+    return CH3_RUN.replace(model=model)
+
+
+def chapter3_point(router_alpha, lf_rate: float, data=None) -> dict:
+    """One chapter-3 grid point: train the dashboard's run, then (as the dashboard's final redraw) the router rows'
+    cosines and the loads of the routing decisions on the first PROBE_TOKENS probe inputs, in eval mode."""
+    run = chapter3_run(router_alpha, lf_rate)
+    data = make_task(run.task, run.model.seed) if data is None else data
+    tr = _train(run, data)
+    layer = tr.model.layer
+    with torch.no_grad():
+        sim = router_row_similarity(layer.router.effective_rows_ED())
+        layer.eval()
+        try:
+            idx_NK = layer.route(tr.data.x_probe[:PROBE_TOKENS]).idx_TK
+        finally:
+            layer.train()
+        loads = load_stats(expert_counts(idx_NK, layer.n_experts))
+    return dict(router_alpha=router_alpha, lf_rate=lf_rate, router=run.model.router,
+                aux_weight=run.model.aux_weight, cos_EE=_round(sim.cos_EE.tolist()), s_abs=_round(sim.abs),
+                s_signed=_round(sim.signed), load_E=_round(loads.fractions), maxvio=_round(loads.maxvio),
+                dead=loads.dead, final_loss=_round(tr.history.loss[-1]))
+
+
+def chapter3_grid(log=print) -> dict:
+    data = make_task(CH3_RUN.task, CH3_RUN.model.seed)
+    points = []
+    for ra in CH3_AXES[0].values:
+        for g in CH3_AXES[1].values:
+            t0 = time.perf_counter()
+            points.append(chapter3_point(ra, g, data))
+            log(f"  chapter3 {ra if ra == 'kmeans' else f'α={ra:g}'} γ={g:g}: {time.perf_counter() - t0:.1f} s")
+    return dict(points=points, probe_tokens=PROBE_TOKENS, config=json.loads(CH3_RUN.to_json()),
+                runs=f"{len(points)} runs (one per grid point; the α = 0, γ = 0 points are the no-balancing "
+                     f"references), {CH3_RUN.train.steps} steps each, seed {CH3_RUN.model.seed}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def _alignment(tr: Trainer):
     layer = tr.model.layer
     return row_alignment(input_side_weights(layer.experts), layer.router.effective_rows_ED())
@@ -161,7 +215,8 @@ def chapter4_grid(log=print) -> dict:
                      f"{CH4_RUN.train.steps} steps each, seed {CH4_RUN.model.seed}")
 
 
-GRIDS = {"chapter1": (chapter1_grid, CH1_AXES, CH1_INITIAL), "chapter4": (chapter4_grid, CH4_AXES, CH4_INITIAL)}
+GRIDS = {"chapter1": (chapter1_grid, CH1_AXES, CH1_INITIAL), "chapter3": (chapter3_grid, CH3_AXES, CH3_INITIAL),
+         "chapter4": (chapter4_grid, CH4_AXES, CH4_INITIAL)}
 
 
 def train_grid(chapter: str, log=print) -> dict:
