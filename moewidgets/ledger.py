@@ -379,7 +379,7 @@ def ledger_pending(rows: Sequence[LedgerRow]) -> str:
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as empty:
     ...     print(ledger_pending(ledger(empty)[7:9]))
-    SC-7, SC-8: not yet run: chapter2 has no claim runs yet
+    SC-7, SC-8: not yet run: book/results/chapter2.jsonl is not committed
         python -m moewidgets reproduce chapter2
 
     The claims ledger (book/ledger.ipynb).

@@ -77,8 +77,8 @@ __all__ = ["CHAPTER2_ARMS", "CHAPTER2_PINNED_ARMS", "PINNED_METRICS_CH2", "LM_CO
            "chapter2_mlp_run", "chapter2_lm_config", "chapter2_payload", "chapter2_job", "chapter2_jobs",
            "chapter2_claims"]
 
-#: The arms by name: ``model`` is the setting ("mlp" or "lm"), ``k`` the top-k ("all": fully soft, k = E),
-#: ``arch`` a dense baseline ("dense": parameter-matched, hidden E·m; SC-7's comparator).
+#: The arms by name. ``model`` is the setting ("mlp" or "lm"), ``k`` the top-k ("all" means fully soft, k = E),
+#: ``arch`` a dense baseline ("dense" is parameter-matched, hidden E·m, the comparator of SC-7).
 CHAPTER2_ARMS: dict[str, dict[str, Any]] = {
     "top-1": {"model": "mlp", "k": 1},
     "top-2": {"model": "mlp", "k": 2},
@@ -93,17 +93,17 @@ LM_ARMS = tuple(a for a, spec in CHAPTER2_ARMS.items() if spec["model"] == "lm")
 CHAPTER2_PINNED_ARMS = ("top-1", "top-2", "top-4", "soft")
 #: The metrics a live re-run is compared on (every MoE arm, MLP or LM, has them).
 PINNED_METRICS_CH2 = ("heldout_loss", "align_mean_abs", "sub_geo", "sub_geo_floor", "asym_gap")
-#: LM convergence margin, nats per token: the 2×-longer run may be at most this much better on held-out text.
+#: The LM convergence margin in nats per token (the 2×-longer run may be at most this much better on held-out text).
 LM_CONVERGENCE_MARGIN = 0.05
-#: The LM convergence runs train this many times longer (MLP arms: 4×, as chapter 1).
+#: How many times longer the LM convergence runs train (the MLP arms use 4×, as chapter 1 does).
 LM_CONVERGE_FACTOR = 2
 #: Held-out targets an LM is scored on (the first ones of test.txt).
 LM_EVAL_TOKENS = 20_000
 #: Test tokens traced for the per-layer LM probes (whole windows of seq_len).
 LM_PROBE_TOKENS = 1024
-#: Of those, the leading tokens whose Jacobian spectra SC-7 uses (spec: about 500 positions).
+#: How many of those leading tokens SC-7's Jacobian spectra use (the spec suggests about 500 positions).
 LM_SPECTRA_TOKENS = 512
-#: Rank r of the routed subspaces (spec §2.7.4: r ∈ {4, 8} for small models); 2r is the stability check.
+#: The rank r of the routed subspaces (spec §2.7.4 suggests r = 4 or 8 for small models); 2r is the stability check.
 SUBSPACE_RANK = 4
 N_DRAWS, N_SPLITS = 20, 10     # random-group / isotropic draws and split-half splits of the references
 
@@ -358,7 +358,7 @@ def _lm_job(payload: dict, seed: int) -> dict[str, Any]:
 
 
 def chapter2_job(payload: dict, seed: int) -> dict[str, Any]:
-    """One (arm, seed) of chapter 2 (payload from :func:`chapter2_payload`): train, evaluate, probe.
+    """One (arm, seed) of chapter 2 (payload from :func:`~moewidgets.reproduce.chapter2.chapter2_payload`): train, evaluate, probe.
 
     MLP arms: probe at init (``init_*``), train, probe MSE, probe. LM arms: train, held-out loss and perplexity,
     the probes of every layer (``L{l}_*``) and their means. ``converge_only``: no probes. One torch thread
