@@ -389,3 +389,26 @@ def test_import_moewidgets_does_not_import_transformers_and_hf_says_how_to_insta
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "False"
     assert 'pip install "moewidgets[hf]"' in out.stdout
+
+
+def test_subspaces_metric_equals_the_geometry_functions():
+    """The registry's Grassmann metric is the chapter-2 geometry on the traced block inputs, by name only."""
+    from moewidgets.geometry.subspaces import compare_subspaces, routed_subspaces
+    from moewidgets.hf import probe
+    model = make_model("mixtral")
+    ids = token_ids(B=8, S=32)
+    res = probe(model, ids, layers=[0], metrics="subspaces", metric_options={"subspaces": {"rank": 2, "n_draws": 4,
+                                                                                             "n_splits": 3}})
+    lp = res[0]
+    got = lp["subspaces"]
+    trace = lp.trace
+    w_NE = trace.gate_matrix().float()
+    want = compare_subspaces(routed_subspaces(trace.x_TD.float(), w_NE, rank=2, space="inputs"),
+                             generator=torch.Generator().manual_seed(0), n_draws=4, n_splits=3)
+    assert got.n_pairs == want.n_pairs and got.n_pairs > 0
+    assert math.isclose(got.between_mean, want.between_mean, rel_tol=1e-5)
+    assert 0.0 <= got.between_mean <= 1.0
+    assert set(lp.summary()) >= {"subspaces_grassmann_mean", "subspaces_grassmann_floor"}
+    assert "subspaces" not in probe(model, ids, layers=[0]).metrics          # not a default: needs many tokens
+    with pytest.raises(ValueError, match="rank=0 must be a positive integer"):
+        probe(model, ids, metrics="subspaces", metric_options={"subspaces": {"rank": 0}})

@@ -40,11 +40,13 @@ from ..geometry.alignment import JacobianAlignment, SwiGLUBankView, _alignment, 
 from ..geometry.jacobians import expert_jacobians, mean_expert_jacobians
 from ..geometry.pca import WeightedPCA, effective_rank, expert_pca
 from ..geometry.spectra import WeightedSpectra, weighted_expert_spectra
+from ..geometry.subspaces import SubspaceComparison, compare_subspaces, routed_subspaces
 from ..trace import RoutingTrace
 from .blocks import HFMoEBlock
 
-__all__ = ["METRICS", "Metric", "LayerInputs", "RoutingSummary", "routing_summary", "routed_spectra",
+__all__ = ["METRICS", "DEFAULT_METRICS", "Metric", "LayerInputs", "RoutingSummary", "routing_summary", "routed_spectra",
            "routed_mean_jacobians", "spectra_metric", "alignment_metric", "pca_metric", "shared_expert_metric",
+           "subspaces_metric",
            "InputPCA", "SharedExpertProbe", "WEIGHTINGS"]
 
 WEIGHTINGS = ("gates", "membership")
@@ -391,10 +393,37 @@ def _shared_summary(r: SharedExpertProbe | None) -> dict[str, float]:
             "cos_routed_mean_abs": float(r.cos_routed[live].abs().mean()) if bool(live.any()) else math.nan}
 
 
+def subspaces_metric(inputs: LayerInputs, rank: int = 16, n_draws: int = 20, n_splits: int = 10) -> SubspaceComparison:
+    """GA-2/GA-3 on a Hugging Face layer: the experts' routed input subspaces (weighted PCA of the block inputs with
+    this probe's routing weights, rank ``rank``; experts with fewer than 5·rank tokens skipped with the reason) and
+    their normalised geodesic Grassmann distances with the random-token-group null, the split-half floor and the
+    isotropic level (:func:`~moewidgets.geometry.subspaces.compare_subspaces`). The spec suggests r ∈ {8, 16, 32}
+    for pretrained models (chapter 2)."""
+    subspaces = routed_subspaces(inputs.x_ND.float().cpu(), inputs.weights_NE.float().cpu(), rank=rank,
+                                 space="inputs")
+    return compare_subspaces(subspaces, generator=inputs.generator(), n_draws=n_draws, n_splits=n_splits)
+
+
+def _subspaces_summary(r: SubspaceComparison) -> dict[str, float]:
+    return {"grassmann_mean": float(r.between_mean), "grassmann_null": float(r.group_null_mean),
+            "grassmann_floor": float(r.floor_mean), "grassmann_isotropic": float(r.iso_mean),
+            "grassmann_pairs": float(r.n_pairs)}
+
+
+def _check_subspaces(rank: int = 16, n_draws: int = 20, n_splits: int = 10, **_) -> None:
+    _positive_int("rank", rank)
+    _positive_int("n_draws", n_draws)
+    _positive_int("n_splits", n_splits)
+
+
 #: The metric registry :func:`~moewidgets.hf.probing.probe` runs: name → :class:`~moewidgets.hf.metrics.Metric`.
 METRICS: dict[str, Metric] = {
     "spectra": Metric(spectra_metric, _spectra_summary, _check_points),
     "alignment": Metric(alignment_metric, _alignment_summary, _check_alignment),
     "pca": Metric(pca_metric, _pca_summary, _check_pca),
     "shared_expert": Metric(shared_expert_metric, _shared_summary, _check_points),
+    "subspaces": Metric(subspaces_metric, _subspaces_summary, _check_subspaces),
 }
+#: What ``probe(metrics=None)`` runs: every metric but "subspaces", whose rank needs thousands of tokens per layer
+#: (ask for it by name, with ``metric_options={"subspaces": {"rank": ...}}``).
+DEFAULT_METRICS = ("spectra", "alignment", "pca", "shared_expert")

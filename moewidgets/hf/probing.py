@@ -23,7 +23,7 @@ from ..geometry.alignment import make_generator
 from ..trace import RoutingTrace
 from .blocks import model_family, moe_blocks
 from .capture import select_layers, trace_hf
-from .metrics import METRICS, WEIGHTINGS, LayerInputs, RoutingSummary, SharedExpertProbe, routing_summary
+from .metrics import DEFAULT_METRICS, METRICS, WEIGHTINGS, LayerInputs, RoutingSummary, SharedExpertProbe, routing_summary
 
 __all__ = ["probe", "ModelProbe", "LayerProbe"]
 
@@ -157,13 +157,14 @@ def probe(model: torch.nn.Module, input_ids: torch.Tensor, layers: int | Iterabl
         input_ids: (B, S) or (S,) token ids: the probe tokens (N = B·S, minus masked positions).
         layers: MoE decoder-layer indices (None = all).
         attention_mask: optional (B, S) 0/1; masked positions are not probed.
-        metrics: names from :data:`~moewidgets.hf.metrics.METRICS` (None = all): "spectra", "alignment", "pca",
-            "shared_expert".
+        metrics: names from :data:`~moewidgets.hf.metrics.METRICS`: "spectra", "alignment", "pca", "shared_expert"
+            (these four are the default, None) and "subspaces" (Grassmann distances with their references).
         weights: "gates" or "membership".
         generator: torch.Generator or int seed (None = 0) for the spectra subset, the split-half and the null.
         metric_options: per-metric keyword options, e.g. ``{"spectra": {"max_points": 64}}`` (the
             ``*_metric`` functions' keywords: spectra max_points/keep_sv, alignment min_points/n_null_pairs/
-            keep_mean_jacobians, pca n_components/fraction, shared_expert max_points).
+            keep_mean_jacobians, pca n_components/fraction, shared_expert max_points, subspaces
+            rank/n_draws/n_splits).
 
     A researcher with Mixtral-8x7B on their own GPU machine (bf16 weights; the probes run in float32)::
 
@@ -201,7 +202,7 @@ def probe(model: torch.nn.Module, input_ids: torch.Tensor, layers: int | Iterabl
     """
     t0 = time.perf_counter()
     family = model_family(model)
-    names = tuple(METRICS) if metrics is None else tuple(dict.fromkeys([metrics] if isinstance(metrics, str)
+    names = DEFAULT_METRICS if metrics is None else tuple(dict.fromkeys([metrics] if isinstance(metrics, str)
                                                                        else metrics))
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
