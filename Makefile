@@ -40,7 +40,7 @@ BOOK_BUILD = $(VENV)/bin/jupyter-book build book/ --config jupyter_book_config.y
 # Start of this make invocation, for the wall time that `make test` prints.
 T0 := $(shell date +%s)
 
-.PHONY: help install lab test book bench reproduce app figures clean distclean
+.PHONY: help install lab test book bench reproduce app figures figures-html clean distclean
 
 help:
 	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
@@ -70,6 +70,7 @@ test: install
 	@step() { local name=$$1 t=$$(date +%s); shift; echo; echo "==> $$name: $$*"; \
 		"$$@" || return $$?; echo "<== $$name: ok in $$(( $$(date +%s) - t )) s"; }; \
 	rc=0; { \
+		step "figures" $(MAKE) --no-print-directory figures-html && \
 		step "pytest tests" $(PY) -m pytest tests && \
 		step "nbval" $(PY) -m pytest --nbval --nbval-current-env book/ --ignore=book/_build \
 			--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider && \
@@ -80,7 +81,7 @@ test: install
 	exit $$rc
 
 # ---------------------------------------------------------------------------------------------
-book: install
+book: install figures-html
 	$(BOOK_BUILD)
 	@echo "HTML: book/_build/html/index.html"
 
@@ -107,6 +108,12 @@ app: install
 
 figures: install
 	$(PY) tools/make_static_figures.py
+
+# The built book's figure pages (book/_extra/figures/*.html, not committed: 1.6 MB of inline BokehJS each), rendered
+# in seconds from the committed grid data (book/_extra/figures/*.json) and benchmark results (bench/results/*.json).
+figures-html: install
+	$(PY) tools/make_static_figures.py --render-only
+	$(PY) tools/make_performance_figure.py
 
 # ---------------------------------------------------------------------------------------------
 clean:
