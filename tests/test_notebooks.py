@@ -10,7 +10,7 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 NOTEBOOKS = sorted(p for p in BOOK.glob("*.ipynb"))
 EXCUSE_TAGS = {"nbval-ignore-output", "nbval-skip", "raises-exception"}
 EXCUSE_COMMENTS = ("# NBVAL_IGNORE_OUTPUT", "# NBVAL_SKIP", "# NBVAL_RAISES_EXCEPTION")
-CLAIM_MARKERS = ("claims_table", "pinned_subset", "CONVERGENCE_MARGIN", "ledger_table")
+CLAIM_MARKERS = ("claims_table", "pinned_subset", "convergence_table", "ledger_table")
 
 
 def _excused(cell) -> bool:

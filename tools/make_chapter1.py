@@ -159,16 +159,9 @@ rows = load_results("chapter1")
 claims = chapter1_claims(rows)
 print(claims_table(claims))"""))
 
-cells.append(code(r"""from moewidgets.reproduce import CHAPTER1_ARMS, CONVERGENCE_MARGIN
+cells.append(code(r"""from moewidgets.reproduce import CHAPTER1_ARMS, convergence_table
 
-print(f"{'arm':<14}{'MSE 2000 steps':>16}{'MSE 8000 steps':>16}{'gap / Var(y)':>14}  converged")
-for arm in CHAPTER1_ARMS:
-    base = [r["metrics"] for r in rows if r["arm"] == arm]
-    long = [r["metrics"] for r in rows if r["arm"] == arm + ":4x"]
-    gap = max((b["probe_mse"] - l["probe_mse"]) / b["target_var"] for b, l in zip(base, long))
-    mse = sum(b["probe_mse"] for b in base) / len(base)
-    mse4 = sum(l["probe_mse"] for l in long) / len(long)
-    print(f"{arm:<14}{mse:>16.3g}{mse4:>16.3g}{gap:>14.2%}  {'yes' if gap <= CONVERGENCE_MARGIN else 'NO'}")"""))
+print(convergence_table(rows, CHAPTER1_ARMS))"""))
 
 cells.append(md(r"""## What holds, and what does not (at this scale)
 

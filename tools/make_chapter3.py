@@ -195,17 +195,9 @@ cells.append(code(r"""from moewidgets.reproduce import chapter3_claims, claims_t
 rows = load_results("chapter3")
 print(claims_table(chapter3_claims(rows)))"""))
 
-cells.append(code(r"""from moewidgets.reproduce import CHAPTER3_ARMS, CONVERGENCE_MARGIN
+cells.append(code(r"""from moewidgets.reproduce import CHAPTER3_ARMS, convergence_table
 
-print(f"{'arm':<16}{'MSE 2000 steps':>16}{'MSE 8000 steps':>16}{'worst gap / Var(y)':>20}  converged")
-for arm in CHAPTER3_ARMS:
-    base = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
-    long = sorted((r for r in rows if r["arm"] == arm + ":4x"), key=lambda r: r["seed"])
-    gap = max((b["metrics"]["probe_mse"] - l["metrics"]["probe_mse"]) / b["metrics"]["target_var"]
-              for b, l in zip(base, long))
-    mse = sum(b["metrics"]["probe_mse"] for b in base) / len(base)
-    mse4 = sum(l["metrics"]["probe_mse"] for l in long) / len(long)
-    print(f"{arm:<16}{mse:>16.3g}{mse4:>16.3g}{gap:>20.2%}  {'yes' if gap <= CONVERGENCE_MARGIN else 'NO'}")"""))
+print(convergence_table(rows, CHAPTER3_ARMS))"""))
 
 cells.append(md(r"""### Every arm side by side
 

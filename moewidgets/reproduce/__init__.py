@@ -27,9 +27,10 @@ from .chapter3 import (CHAPTER3_ARMS, CHAPTER3_TRAIN, PINNED_METRICS_CH3, chapte
 from .chapter4 import (CHAPTER4_ARMS, CHAPTER4_TRAIN, PINNED_METRICS_CH4, chapter4_claims, chapter4_job,
                        chapter4_jobs, chapter4_run, chapter4_timing_job)
 from .common import (CONVERGENCE_MARGIN, PROBE_POINTS, RESULTS_DIR, ClaimResult, PinnedCheck, bootstrap_ci,
-                     claims_table, load_results)
+                     claims_table, convergence_table, load_results)
 
-__all__ = ["CHAPTERS", "Chapter", "reproduce", "pinned_subset", "load_results", "claims_table", "ClaimResult",
+__all__ = ["CHAPTERS", "Chapter", "reproduce", "pinned_subset", "load_results", "claims_table", "convergence_table",
+           "ClaimResult",
            "PinnedCheck", "bootstrap_ci", "RESULTS_DIR", "CONVERGENCE_MARGIN", "PROBE_POINTS",
            "CHAPTER1_ARMS", "CHAPTER1_TRAIN", "chapter1_run", "chapter1_jobs", "chapter1_job", "chapter1_claims",
            "CHAPTER2_ARMS", "chapter2_mlp_run", "chapter2_lm_config", "chapter2_jobs", "chapter2_job", "chapter2_claims",

@@ -16,6 +16,7 @@ import numpy as np
 from ..sweep import read_jsonl
 
 __all__ = ["RESULTS_DIR", "CONVERGENCE_MARGIN", "PROBE_POINTS", "bootstrap_ci", "ClaimResult", "claims_table",
+           "convergence_table",
            "PinnedCheck", "load_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent.parent / "book" / "results"
@@ -56,6 +57,25 @@ def _by_arm(rows: list[dict]) -> dict[str, dict[int, dict]]:
     for r in rows:
         out.setdefault(r["arm"], {})[r["seed"]] = r["metrics"]
     return out
+
+
+def convergence_table(rows: list[dict], arms) -> str:
+    """Each arm's mean probe MSE after N and 4N steps and its worst seed's gap in units of Var(y), against
+    ``CONVERGENCE_MARGIN`` (the rule of :func:`_converged`); fixed width, 3 significant digits (what nbval compares).
+    Every chapter shows it under its claims table."""
+    by_arm = _by_arm(rows)
+    n = next(m["steps"] for m in by_arm[next(iter(arms))].values())
+    w = max(len(a) for a in arms) + 2
+    lines = [f"{'arm':<{w}}{f'MSE {n} steps':>16}{f'MSE {4 * n} steps':>16}{'worst gap / Var(y)':>20}  converged"]
+    for arm in arms:
+        base, long = by_arm[arm], by_arm.get(arm + ":4x", {})
+        seeds = sorted(set(base) & set(long))
+        gap = max((base[s]["probe_mse"] - long[s]["probe_mse"]) / base[s]["target_var"] for s in seeds)
+        mse = sum(base[s]["probe_mse"] for s in seeds) / len(seeds)
+        mse4 = sum(long[s]["probe_mse"] for s in seeds) / len(seeds)
+        ok = "yes" if _converged(by_arm, arm) else "NO"
+        lines.append(f"{arm:<{w}}{mse:>16.3g}{mse4:>16.3g}{gap:>20.2%}  {ok}")
+    return "\n".join(lines)
 
 
 def _with_init_views(arms: dict[str, dict[int, dict]], names) -> dict[str, dict[int, dict]]:
