@@ -61,8 +61,8 @@ def _by_arm(rows: list[dict]) -> dict[str, dict[int, dict]]:
 
 def convergence_table(rows: list[dict], arms) -> str:
     """Each arm's mean probe MSE after N and 4N steps and its worst seed's gap in units of Var(y), against
-    ``CONVERGENCE_MARGIN`` (the rule of :func:`_converged`); fixed width, 3 significant digits (what nbval compares).
-    Every chapter shows it under its claims table."""
+    ``CONVERGENCE_MARGIN`` (the convergence rule of every claims table); fixed width, 3 significant digits (what
+    nbval compares). Every chapter shows it under its claims table."""
     by_arm = _by_arm(rows)
     n = next(m["steps"] for m in by_arm[next(iter(arms))].values())
     w = max(len(a) for a in arms) + 2
