@@ -7,15 +7,16 @@ per plotted source. Every grid point becomes an *unplotted* ``ColumnDataSource``
 in row-major order (index ``i·n_b + j`` for the i-th value of the first slider and the j-th of the second). The two
 sliders are ``CategoricalSlider`` widgets whose categories are the grid values' labels (so uneven values such as
 τ = 0.1, 0.3, 1, 3, 10 sit at even steps); on a change the callback looks the two labels up and assigns a shallow
-copy of that grid point's data to each plotted source (and its caption to the caption ``Div``). Nothing is
-interpolated: only the computed points can be shown, and the live dashboard retrains anything in between.
+copy of that grid point's data to each plotted source (its caption to the caption ``Div``, and its figure titles to
+the figures whose titles change with the point, such as chapter 2's references). Nothing is interpolated: only the
+computed points can be shown, and the live dashboard retrains anything in between.
 
 Shape legend: E experts, J singular-value index, S recorded steps.
 
 Data flows one way: the grid data (JSON, written by ``tools/make_static_figures.py``) → the chapter's figure
-(:func:`chapter1_static_figure`, :func:`chapter3_static_figure`, :func:`chapter4_static_figure`) →
-:func:`static_grid_html` → the book's
-``_extra/figures/chapterN.html``, shown in the chapter through an ``<iframe>``.
+(:func:`chapter1_static_figure`, :func:`chapter2_static_figure`, :func:`chapter3_static_figure`,
+:func:`chapter4_static_figure`) → :func:`static_grid_html` → the book's ``_extra/figures/chapterN.html``, shown in
+the chapter through an ``<iframe>``.
 
 >>> from bokeh.models import ColumnDataSource
 >>> from bokeh.plotting import figure
@@ -28,8 +29,8 @@ Data flows one way: the grid data (JSON, written by ``tools/make_static_figures.
 >>> [s.categories for s in sg.sliders], src.data["y"], sg.table["line"][3].data["y"]
 ([['1', '2'], ['0.5', '5']], [2, 0.5], [2, 5.0])
 
-Chapters 1, 3 and 4 (book/chapter1.ipynb, book/chapter3.ipynb, book/chapter4.ipynb) embed the pages these functions
-write.
+Chapters 1 to 4 (book/chapter1.ipynb, book/chapter2.ipynb, book/chapter3.ipynb, book/chapter4.ipynb) embed the pages
+these functions write.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import html
 import math
 from dataclasses import dataclass, field
 from itertools import product
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -48,10 +50,12 @@ from bokeh.resources import INLINE
 from . import views as V
 
 __all__ = ["GridAxis", "StaticGridFigure", "static_grid_figure", "static_grid_html", "source_data",
-           "chapter1_static_figure", "chapter3_static_figure", "chapter4_static_figure", "STATIC_FIGURES"]
+           "chapter1_static_figure", "chapter2_static_figure", "chapter3_static_figure", "chapter4_static_figure",
+           "STATIC_FIGURES"]
 
 # The callback: the two slider labels → the grid index → one new data dict per plotted source (a shallow copy, so
-# a later swap never aliases a table source) and the caption. Row-major: index = i * n_b + j.
+# a later swap never aliases a table source), the caption and the per-point figure titles. Row-major: index =
+# i * n_b + j.
 _SWAP_JS = """
 const i = slider_a.categories.indexOf(slider_a.value);
 const j = slider_b.categories.indexOf(slider_b.value);
@@ -61,6 +65,9 @@ for (const [name, target] of Object.entries(targets)) {
   target.data = {...table[name][n].data};
 }
 if (caption !== null) { caption.text = captions[n]; }
+for (const [name, title] of Object.entries(title_targets)) {
+  title.text = titles[name][n];
+}
 """
 
 
@@ -114,6 +121,8 @@ class StaticGridFigure:
         captions  one caption text per grid point (row-major), or [] without a caption
         caption   the caption Div (None without captions)
         callback  the CustomJS run on either slider's change
+        title_targets  the figure titles (bokeh Title models) that change with the point, by name ({} if none)
+        titles    per name in title_targets, one title text per grid point (row-major)
     """
 
     layout: Any
@@ -125,6 +134,8 @@ class StaticGridFigure:
     captions: list[str] = field(default_factory=list)
     caption: Div | None = None
     callback: CustomJS | None = None
+    title_targets: dict[str, Any] = field(default_factory=dict)
+    titles: dict[str, list[str]] = field(default_factory=dict)
 
     def index(self, key: tuple) -> int:
         """The row-major table index of a grid key (what the callback computes from the slider labels)."""
@@ -155,8 +166,9 @@ def _compact(columns: Mapping[str, Any]) -> dict:
 
 def static_grid_figure(grid: Mapping[tuple, Mapping[str, Mapping[str, Any]]], axes: Sequence[GridAxis], body,
                        sources: Mapping[str, ColumnDataSource], captions: Mapping[tuple, str] | None = None,
-                       initial: tuple | None = None, footer: str | None = None,
-                       slider_width: int = 310) -> StaticGridFigure:
+                       initial: tuple | None = None, footer: str | None = None, slider_width: int = 310,
+                       titles: Mapping[tuple, Mapping[str, str]] | None = None,
+                       title_targets: Mapping[str, Any] | None = None) -> StaticGridFigure:
     """Put a grid of precomputed source data behind two sliders.
 
     Args:
@@ -170,6 +182,9 @@ def static_grid_figure(grid: Mapping[tuple, Mapping[str, Mapping[str, Any]]], ax
         initial: the key shown first (default: the first key).
         footer: a fixed text (HTML) below ``body`` (what was computed, and how), or None.
         slider_width: each slider's width in pixels; the caption and footer span both sliders.
+        titles: ``{(a, b): {name: title text}}`` for every key, one text per name in ``title_targets`` (figure
+            titles that change with the point, such as chapter 2's references), or None.
+        title_targets: the figure titles to set (``{name: fig.title}``); given together with ``titles``.
 
     Returns a :class:`StaticGridFigure`; :func:`static_grid_html` writes it as one page. Validation happens before
     any bokeh object is made.
@@ -194,6 +209,15 @@ def static_grid_figure(grid: Mapping[tuple, Mapping[str, Mapping[str, Any]]], ax
     initial = keys[0] if initial is None else tuple(initial)
     if initial not in grid:
         raise ValueError(f"initial={initial} is not a grid key; keys are {keys}")
+    if (titles is None) != (title_targets is None):
+        raise ValueError("titles and title_targets go together: give both (per-point title texts and the figure "
+                         "titles they set) or neither")
+    title_targets = dict(title_targets or {})
+    if titles is not None:
+        bad = [k for k in keys if k not in titles or set(titles[k]) != set(title_targets)]
+        if bad:
+            raise ValueError(f"titles must give a text for each of {sorted(title_targets)} at every grid key: "
+                             f"wrong at {bad[:4]}")
 
     table = {name: [ColumnDataSource(_compact(grid[k][name]), name=f"{name}[{a_ax.name}={la},{b_ax.name}={lb}]")
                     for k, (la, lb) in zip(keys, product(a_ax.labels, b_ax.labels))] for name in sources}
@@ -204,16 +228,20 @@ def static_grid_figure(grid: Mapping[tuple, Mapping[str, Mapping[str, Any]]], ax
                     for ax, v in zip(axes, initial))
     texts = [captions[k] for k in keys] if captions is not None else []
     caption = V.build_caption(captions[initial]) if captions is not None else None
+    title_texts = {name: [titles[k][name] for k in keys] for name in title_targets}
+    for name, title in title_targets.items():
+        title.text = titles[initial][name]
     notes = V.build_caption(footer) if footer is not None else None
     for div in filter(None, (caption, notes)):
         div.width = 2 * slider_width
     callback = CustomJS(args=dict(slider_a=sliders[0], slider_b=sliders[1], targets=dict(sources), table=table,
-                                  captions=texts, caption=caption), code=_SWAP_JS)
+                                  captions=texts, caption=caption, title_targets=title_targets, titles=title_texts),
+                        code=_SWAP_JS)
     for s in sliders:
         s.js_on_change("value", callback)
     parts = [row(*sliders), *filter(None, (caption, body, notes))]
     return StaticGridFigure(column(*parts), (a_ax, b_ax), sliders, dict(sources), table, keys, texts, caption,
-                            callback)
+                            callback, title_targets, title_texts)
 
 
 def static_grid_html(fig: StaticGridFigure, title: str) -> str:
@@ -286,6 +314,90 @@ def chapter1_static_figure(data: Mapping) -> StaticGridFigure:
     sources = {"spectra.experts": spectra.experts, "spectra.dense": spectra.dense, "sigma1.bars": sigma1.bars,
                "sigma1.ref": sigma1.ref}
     return static_grid_figure(grid, axes, body, sources, captions, tuple(data["initial"]), _footer(data))
+
+
+def _scalars(stored: Mapping) -> SimpleNamespace:
+    """A stored dict of reference numbers → attributes (JSON null → NaN, which the chapter-2 titles print as –)."""
+    return SimpleNamespace(**{k: math.nan if v is None else float(v) for k, v in stored.items()})
+
+
+@dataclass
+class _StoredAsymmetry:
+    """A chapter-2 grid point's geometry read back from its JSON record: exactly the fields of
+    :class:`~moewidgets.dashboards.chapter2.AsymmetryProbe` that
+    :func:`~moewidgets.dashboards.chapter2.draw_asymmetry` reads, so the page is drawn (titles and references
+    included) by the dashboard's own drawing function, not by a copy of it."""
+
+    rank: int
+    distance_EE: np.ndarray
+    alignment_EE: np.ndarray
+    comparison: SimpleNamespace
+    alignment: SimpleNamespace
+    summary: SimpleNamespace
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.distance_EE)
+
+    def pairs(self):
+        from .dashboards.chapter2 import AsymmetryProbe
+        return AsymmetryProbe.pairs(self)        # the dashboard's pair list, on the stored matrices
+
+    @classmethod
+    def from_record(cls, p: Mapping) -> "_StoredAsymmetry":
+        def matrix(rows):                        # (E, E), JSON null → NaN (skipped / dead experts)
+            return np.array([_nan(r) for r in rows], dtype=np.float64).reshape(len(rows), len(rows))
+        return cls(int(p["rank"]), matrix(p["distance_EE"]), matrix(p["alignment_EE"]), _scalars(p["comparison"]),
+                   _scalars(p["alignment"]), _scalars(p["summary"]))
+
+
+def chapter2_static_figure(data: Mapping) -> StaticGridFigure:
+    """Chapter 2's functional vs representational geometry over top-k × temperature.
+
+    The live dashboard's views (:class:`~moewidgets.dashboards.chapter2.Chapter2Views`), drawn at each grid point
+    by :func:`~moewidgets.dashboards.chapter2.draw_asymmetry`: the E×E normalised geodesic Grassmann distance of
+    the experts' routed input subspaces, titled with the random-group null band, the split-half floor and the
+    isotropic level; the E×E alignment ``|cos_F|`` of the gate-weighted mean Jacobians, titled with its Gaussian
+    null and split-half ceiling; the expert pairs' scatter of the two; and the training loss. The figure titles
+    change with the point (the references are the point's own).
+
+    ``data`` fields (besides the common ones): per point ``label``, ``final_loss``, ``loss_step_S`` and ``loss_S``
+    (the training loss, subsampled), ``rank``, ``distance_EE`` and ``alignment_EE`` (E×E; null where an expert has
+    no subspace or no routed token), ``comparison`` (``between_mean``, ``group_null_lo_mean``,
+    ``group_null_hi_mean``, ``group_null_mean``, ``floor_mean``, ``iso_mean``), ``alignment``
+    (``mean_abs_offdiag``, ``null_level``, ``null_sd``, ``ceiling``), ``summary`` (``functional_fraction``,
+    ``representational_fraction``) and ``geometry`` (the dashboard's
+    :func:`~moewidgets.dashboards.chapter2.describe_probe` text).
+    """
+    from .dashboards.chapter2 import FIG_W, Chapter2Views, draw_asymmetry
+    axes = _axes(data)
+    views = Chapter2Views.build()
+    figures = {"distance": views.distance.figure, "alignment": views.alignment.figure,
+               "scatter": views.scatter.figure}
+    grid, captions, titles = {}, {}, {}
+    for key, p in _points(data, axes).items():
+        stored = _StoredAsymmetry.from_record(p)
+        draw_asymmetry(views, stored)
+        V.update_series(views.loss, p["loss_step_S"], [p["loss_S"]])
+        grid[key] = _snapshot(("distance.cells", views.distance.cells), ("alignment.cells", views.alignment.cells),
+                              ("scatter.points", views.scatter.points), ("scatter.refs", views.scatter.refs),
+                              ("scatter.band", views.scatter.band), ("loss.curves", views.loss.experts))
+        titles[key] = {name: fig.title.text for name, fig in figures.items()}
+        c, a = stored.comparison, stored.alignment
+        captions[key] = (f"<b>{html.escape(p['label'])}, τ={p['temperature']:g}</b> · final train MSE "
+                         f"{p['final_loss']:.2g} · mean d̂<sub>geo</sub> {_fmt(c.between_mean)} (random-group null "
+                         f"{_fmt(c.group_null_lo_mean)}–{_fmt(c.group_null_hi_mean)}, split-half floor "
+                         f"{_fmt(c.floor_mean)}, isotropic {_fmt(c.iso_mean)}) · mean |cos<sub>F</sub>| "
+                         f"{_fmt(a.mean_abs_offdiag, '.3f')} (null {_fmt(a.null_level, '.3f')}, split-half ceiling "
+                         f"{_fmt(a.ceiling)}) · {html.escape(p['geometry'])}")
+    body = gridplot([[views.distance.figure, views.alignment.figure], [views.scatter.figure, views.loss.figure]],
+                    toolbar_location="right")
+    sources = {"distance.cells": views.distance.cells, "alignment.cells": views.alignment.cells,
+               "scatter.points": views.scatter.points, "scatter.refs": views.scatter.refs,
+               "scatter.band": views.scatter.band, "loss.curves": views.loss.experts}
+    return static_grid_figure(grid, axes, body, sources, captions, tuple(data["initial"]), _footer(data),
+                              slider_width=FIG_W, titles=titles,
+                              title_targets={name: fig.title for name, fig in figures.items()})
 
 
 def chapter3_static_figure(data: Mapping) -> StaticGridFigure:
@@ -364,6 +476,8 @@ def chapter4_static_figure(data: Mapping) -> StaticGridFigure:
 # chapter → (figure builder, page title): what tools/make_static_figures.py renders
 STATIC_FIGURES = {
     "chapter1": (chapter1_static_figure, "Chapter 1: expert Jacobian spectra over top-k × temperature"),
+    "chapter2": (chapter2_static_figure, "Chapter 2: Grassmann distance vs Jacobian alignment over top-k × "
+                                         "temperature"),
     "chapter3": (chapter3_static_figure, "Chapter 3: router-row cosines and expert loads over router / α × γ"),
     "chapter4": (chapter4_static_figure, "Chapter 4: router-row alignment over C' × balancing α"),
 }

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moewidgets.config import MoEConfig, TaskConfig
-from moewidgets.geometry import compare_subspaces, layer_asymmetry, trace_subspaces
+from moewidgets.geometry import compare_subspaces, layer_asymmetry, routing_weights, trace_subspaces
 from moewidgets.lm import LMConfig
 from moewidgets.reproduce import chapter2 as c2
 from moewidgets.sweep import _resolve
@@ -101,11 +101,12 @@ def test_soft_arm_shows_the_membership_artifact():
 
 
 @pytest.mark.parametrize("k", [1, 2, 8])
-def test_argmax_weights_are_the_top1_expert_of_the_probabilities(k):
+def test_argmax_weighting_is_the_top1_expert_of_the_probabilities(k):
+    # the claims' arg-max membership (routing_weights(trace, "argmax")), on real routing: k = E lists experts by index
     run = c2.chapter2_mlp_run("top-1", 0, steps=1, task=TINY_TASK)
     trainer = Trainer.from_config(run.replace(model=run.model.replace(k=k)))
     trace = trace_model(trainer.model, trainer.data.x_probe[:200])
-    w_TE = c2._argmax_weights(trace)
+    w_TE = routing_weights(trace, "argmax")
     expected = torch.nn.functional.one_hot(trace.probs_TE.argmax(1), 8).to(w_TE.dtype)     # per-token loop-free
     assert torch.equal(w_TE, expected) and torch.equal(w_TE.sum(1), torch.ones(200))
 

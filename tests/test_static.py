@@ -1,9 +1,11 @@
 """The kernel-free figures (moewidgets.static): every grid point's data is in the bokeh document, the sliders carry
 the grid's values, the CustomJS callback swaps the plotted sources (run for real in Node.js when it is installed),
-the page is self-contained (BokehJS inline, no external script), and the committed pages and grid data in
-book/_extra/figures/ (rendered from the committed grid data) are complete and still reproduce (one retrained grid point per chapter)."""
+the page is self-contained (BokehJS inline, no external script), the chapter-2 page draws what its dashboard draws
+from a live probe (tiny retrained runs), and the committed pages and grid data in book/_extra/figures/ (rendered from
+the committed grid data) are complete and still reproduce (one retrained grid point per chapter)."""
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import math
@@ -19,8 +21,12 @@ import pytest
 from bokeh.models import ColumnDataSource, GlyphRenderer
 from bokeh.plotting import figure
 
-from moewidgets.static import (STATIC_FIGURES, GridAxis, chapter1_static_figure, chapter3_static_figure,
-                               chapter4_static_figure, static_grid_figure, static_grid_html)
+from moewidgets.config import MoEConfig, RunConfig, TaskConfig, TrainConfig
+from moewidgets.dashboards.chapter2 import Chapter2Views, draw_asymmetry, probe_asymmetry
+from moewidgets.data import make_task
+from moewidgets.static import (STATIC_FIGURES, GridAxis, chapter1_static_figure, chapter2_static_figure,
+                               chapter3_static_figure, chapter4_static_figure, static_grid_figure, static_grid_html)
+from moewidgets.train import Trainer
 from moewidgets.views import LOG_FLOOR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,13 +50,16 @@ def toy_grid(n_a: int, n_b: int):
     return axes, grid, captions
 
 
-def toy_figure(n_a: int, n_b: int, initial=None):
+def toy_figure(n_a: int, n_b: int, initial=None, with_titles: bool = False):
+    """The toy grid behind two sliders; ``with_titles``: the figure's title also changes with the point."""
     axes, grid, captions = toy_grid(n_a, n_b)
     fig = figure(width=200, height=150)
     line, lines = ColumnDataSource(dict(x=[], y=[])), ColumnDataSource(dict(xs=[], ys=[]))
     fig.line("x", "y", source=line)
     fig.multi_line("xs", "ys", source=lines)
-    sg = static_grid_figure(grid, axes, fig, {"line": line, "lines": lines}, captions, initial, footer="toy")
+    titles = {k: {"fig": f"title for {k}"} for k in grid} if with_titles else None
+    sg = static_grid_figure(grid, axes, fig, {"line": line, "lines": lines}, captions, initial, footer="toy",
+                            titles=titles, title_targets={"fig": fig.title} if with_titles else None)
     return sg, grid, captions
 
 
@@ -100,6 +109,17 @@ def test_sliders_carry_the_axes_and_start_at_the_initial_point():
     assert same_columns(sg.sources["line"].data, grid[(3, 0.9)]["line"])
     assert same_columns(sg.sources["lines"].data, grid[(3, 0.9)]["lines"])
     assert sg.caption.text == captions[(3, 0.9)]
+    assert sg.title_targets == {} and sg.titles == {} and sg.callback.args["title_targets"] == {}
+
+
+def test_per_point_titles_are_set_at_the_initial_point_and_tabled_row_major():
+    sg, grid, _ = toy_figure(3, 4, initial=(2, 0.9), with_titles=True)
+    fig_title = sg.title_targets["fig"]
+    assert fig_title.text == "title for (2, 0.9)"
+    assert sg.titles["fig"] == [f"title for {k}" for k in sg.keys]                   # row-major, one per point
+    assert sg.callback.args["title_targets"] == {"fig": fig_title}
+    assert sg.callback.args["titles"] == sg.titles
+    assert "title.text = titles[name][n]" in sg.callback.code
 
 
 def test_callback_swaps_the_plotted_sources_for_the_table():
@@ -125,24 +145,29 @@ const out = [];
 for (const a of spec.a) for (const b of spec.b) {
   const targets = {}; for (const name of Object.keys(spec.table)) targets[name] = {data: null};
   const caption = {text: null};
+  const title_targets = {}; for (const name of Object.keys(spec.titles)) title_targets[name] = {text: null};
   const args = {slider_a: {categories: spec.a, value: a}, slider_b: {categories: spec.b, value: b},
-                targets, table, captions: spec.captions, caption};
+                targets, table, captions: spec.captions, caption, titles: spec.titles, title_targets};
   run(...spec.argnames.map(k => args[k]));
   const data = Object.fromEntries(Object.entries(targets).map(([k, t]) => [k, t.data]));
-  out.push({a, b, caption: caption.text, data});
+  const titles = Object.fromEntries(Object.entries(title_targets).map(([k, t]) => [k, t.text]));
+  out.push({a, b, caption: caption.text, data, titles});
 }
 console.log(JSON.stringify(out));
 """
 
 
-def test_callback_code_runs_in_node_for_every_slider_pair():
+@pytest.mark.parametrize("with_titles", [False, True])
+def test_callback_code_runs_in_node_for_every_slider_pair(with_titles):
     """The CustomJS body itself, run by Node.js against plain objects for every pair of slider labels."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("Node.js is not installed (the browser test runs the callback in Chromium)")
-    sg, grid, captions = toy_figure(3, 4)
+    sg, grid, captions = toy_figure(3, 4, with_titles=with_titles)
+    assert set(sg.callback.args) == {"slider_a", "slider_b", "targets", "table", "captions", "caption", "titles",
+                                     "title_targets"}                    # what the harness passes, all of it
     spec = dict(argnames=sorted(sg.callback.args), a=sg.sliders[0].categories, b=sg.sliders[1].categories,
-                captions=sg.captions,
+                captions=sg.captions, titles=sg.titles,
                 table={name: [{"y": np.asarray(s.data["y"] if name == "line" else s.data["ys"][0]).tolist()}
                               for s in srcs] for name, srcs in sg.table.items()})
     out = json.loads(subprocess.run([node, "-e", NODE_HARNESS, sg.callback.code, json.dumps(spec)], check=True,
@@ -154,6 +179,7 @@ def test_callback_code_runs_in_node_for_every_slider_pair():
         assert row["caption"] == captions[key]
         assert row["data"]["line"]["y"] == grid[key]["line"]["y"].tolist()
         assert row["data"]["lines"]["y"] == grid[key]["lines"]["ys"][0].tolist()
+        assert row["titles"] == ({"fig": f"title for {key}"} if with_titles else {})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,6 +204,10 @@ def test_bad_input_is_refused_before_any_work():
     with pytest.raises(ValueError, match="distinct strings"):
         GridAxis("t", "τ", (0.1000001, 0.1))     # both print as "0.1"
     assert GridAxis("t", "τ", (0.1000001, 0.1), ("0.1000001", "0.1")).labels == ("0.1000001", "0.1")
+    with pytest.raises(ValueError, match="go together"):
+        static_grid_figure(grid, axes, fig, src, titles={k: {"f": "t"} for k in grid})
+    with pytest.raises(ValueError, match="wrong at"):
+        static_grid_figure(grid, axes, fig, src, titles={(1, 0.1): {"f": "t"}}, title_targets={"f": fig.title})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,6 +354,92 @@ def test_chapter4_figure_plots_each_points_lambda_and_angles():
         assert f"C'={p['mpi_scale']:g}, α={p['aux_weight']:g}" in sg.captions[n]
 
 
+# chapter 2 on a 2 × 2 grid of tiny retrained runs: the page must show what the dashboard draws from the live probe
+
+CH2_TINY = RunConfig(model=MoEConfig(n_experts=4, k=2, d_model=8, d_hidden=16),
+                     task=TaskConfig(d_in=8, d_out=8, n_clusters=4, teacher_width=16, n_train=1024, n_probe=256),
+                     train=TrainConfig(steps=30, batch_size=64))
+CH2_TINY_PROBE = dict(rank=2, n_draws=3, n_splits=2)
+
+
+@pytest.fixture(scope="module")
+def ch2_tiny():
+    """Grid data from the tool's record of tiny runs (E=4, D=8, 30 steps), and each point's live probe."""
+    tool = _tool()
+    data = make_task(CH2_TINY.task, 0)
+    points, probes = [], {}
+    with tool.torch_threads(1):
+        for k, tau in product((1, 2), (0.5, 2.0)):
+            run = CH2_TINY.replace(model=CH2_TINY.model.replace(k=k, temperature=tau))
+            tr = Trainer.from_config(run, data=data)
+            tr.step(run.train.steps)
+            probes[(k, tau)] = probe = probe_asymmetry(tr.model, tr.data.x_probe[:200], **CH2_TINY_PROBE, seed=0,
+                                                       step=tr.steps_done)
+            points.append(dict(k=k, temperature=tau, **tool.chapter2_record(probe, run.model.label,
+                                                                            tr.history.loss)))
+    axes = [GridAxis("k", "top-k", (1, 2)).to_dict(), GridAxis("temperature", "τ", (0.5, 2.0)).to_dict()]
+    return dict(axes=axes, initial=[2, 2.0], points=points, runs="4 tiny runs"), probes
+
+
+def close_columns(got: dict, want: dict, rtol: float = 1e-3) -> None:
+    """Column-by-column: numbers within ``rtol`` (the JSON keeps 4 significant digits), strings equal."""
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        g = got[name]
+        if len(w) and isinstance(w[0], str):
+            assert list(g) == list(w), name
+            continue
+        rows_g, rows_w = (g, w) if len(w) and isinstance(w[0], (list, np.ndarray)) else ([g], [w])
+        assert len(rows_g) == len(rows_w), name
+        for a, b in zip(rows_g, rows_w):
+            assert np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=rtol,
+                               atol=1e-9, equal_nan=True), name
+
+
+def test_chapter2_figure_draws_what_the_dashboard_draws_from_the_live_probe(ch2_tiny):
+    data, probes = ch2_tiny
+    sg = chapter2_static_figure(data)
+    assert [s.categories for s in sg.sliders] == [["1", "2"], ["0.5", "2"]]
+    assert [s.value for s in sg.sliders] == ["2", "2"]
+    assert set(sg.title_targets) == {"distance", "alignment", "scatter"}
+    for p in data["points"]:
+        key = (p["k"], p["temperature"])
+        n, probe = sg.index(key), probes[key]
+        oracle = Chapter2Views.build()                 # the dashboard's views, drawn from the live probe
+        draw_asymmetry(oracle, probe)
+        for name, src in (("distance.cells", oracle.distance.cells), ("alignment.cells", oracle.alignment.cells),
+                          ("scatter.points", oracle.scatter.points), ("scatter.refs", oracle.scatter.refs),
+                          ("scatter.band", oracle.scatter.band)):
+            close_columns(sg.table[name][n].data, dict(src.data))
+        assert len(sg.table["distance.cells"][n].data["value"]) == 16
+        for name, fig in (("distance", oracle.distance.figure), ("alignment", oracle.alignment.figure),
+                          ("scatter", oracle.scatter.figure)):
+            assert sg.titles[name][n] == fig.title.text          # the references, as the dashboard titles them
+        loss = sg.table["loss.curves"][n].data
+        assert np.allclose(loss["xs"][0], [5, 10, 15, 20, 25, 30])
+        c, a = probe.comparison, probe.alignment
+        assert f"split-half floor {c.floor_mean:.2f}, isotropic {c.iso_mean:.2f}" in sg.captions[n]
+        assert f"(null {a.null_level:.3f}, split-half ceiling {a.ceiling:.2f})" in sg.captions[n]
+        assert html.escape(p["geometry"]) in sg.captions[n]
+        assert f"top-{p['k']} of 4, τ={p['temperature']:g}" in sg.captions[n]
+    n0 = sg.index((2, 2.0))
+    assert all(sg.title_targets[name].text == sg.titles[name][n0] for name in sg.titles)   # initial point shown
+
+
+def test_chapter2_record_keeps_the_probe_numbers(ch2_tiny):
+    data, probes = ch2_tiny
+    for p in data["points"]:
+        probe = probes[(p["k"], p["temperature"])]
+        got = np.array([[math.nan if v is None else v for v in r] for r in p["distance_EE"]])
+        assert np.allclose(got, probe.distance_EE, rtol=1e-3, equal_nan=True)
+        got = np.array([[math.nan if v is None else v for v in r] for r in p["alignment_EE"]])
+        assert np.allclose(got, probe.alignment_EE, rtol=1e-3, equal_nan=True)
+        assert p["comparison"]["floor_mean"] == pytest.approx(probe.comparison.floor_mean, rel=1e-5, nan_ok=True)
+        assert p["alignment"]["ceiling"] == pytest.approx(probe.alignment.ceiling, rel=1e-5, nan_ok=True)
+        assert p["skipped"] == sorted(probe.skipped) and p["rank"] == 2 and p["step"] == 30
+        assert json.loads(json.dumps(p)) == p                                      # JSON-ready (no NaN)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the rendered pages and the committed grid data
 
@@ -336,7 +452,7 @@ def test_committed_page_is_complete_and_self_contained(chapter, tmp_path):
     page_path = _tool().render(chapter, data, tmp_path)
     assert page_path.exists()
     sizes = [len(a["values"]) for a in data["axes"]]
-    assert len(sizes) == 2 and min(sizes) >= 4, sizes
+    assert len(sizes) == 2 and min(sizes) >= 3, sizes
     keys = {(p[data["axes"][0]["name"]], p[data["axes"][1]["name"]]) for p in data["points"]}
     assert keys == set(product(*(a["values"] for a in data["axes"])))
     assert all(math.isfinite(p["final_loss"]) for p in data["points"])
@@ -361,10 +477,12 @@ def test_committed_grid_data_still_reproduces():
     2 % (bitwise on the machine that wrote it; the tolerance covers other CPUs and library versions)."""
     tool = _tool()
     ch1 = json.loads((FIGURES / "chapter1.json").read_text())
+    ch2 = json.loads((FIGURES / "chapter2.json").read_text())
     ch3 = json.loads((FIGURES / "chapter3.json").read_text())
     ch4 = json.loads((FIGURES / "chapter4.json").read_text())
     with tool.torch_threads(1):
         now1 = tool.chapter1_point(*ch1["initial"])
+        now2 = tool.chapter2_point(*ch2["initial"], settings=ch2["settings"])
         now3 = tool.chapter3_point(*ch3["initial"])
         now4 = tool.chapter4_point(*ch4["initial"], reference={})
     then1 = next(p for p in ch1["points"] if [p["k"], p["temperature"]] == ch1["initial"])
@@ -372,6 +490,11 @@ def test_committed_grid_data_still_reproduces():
     assert now1["final_loss"] == pytest.approx(then1["final_loss"], rel=0.02)
     assert np.nanmean(np.array(now1["sigma1_E"], dtype=float)) == \
         pytest.approx(np.nanmean(np.array(then1["sigma1_E"], dtype=float)), rel=0.02)
+    then2 = next(p for p in ch2["points"] if [p["k"], p["temperature"]] == ch2["initial"])
+    assert now2["final_loss"] == pytest.approx(then2["final_loss"], rel=0.02)
+    for side, field in (("comparison", "between_mean"), ("comparison", "floor_mean"),
+                        ("alignment", "mean_abs_offdiag"), ("alignment", "ceiling")):
+        assert now2[side][field] == pytest.approx(then2[side][field], rel=0.02), (side, field)
     then3 = next(p for p in ch3["points"] if [p["router_alpha"], p["lf_rate"]] == ch3["initial"])
     assert now3["final_loss"] == pytest.approx(then3["final_loss"], rel=0.02)
     assert now3["s_abs"] == pytest.approx(then3["s_abs"], rel=0.02)
@@ -379,3 +502,30 @@ def test_committed_grid_data_still_reproduces():
     assert now4["final_loss"] == pytest.approx(then4["final_loss"], rel=0.02)
     assert np.mean(now4["lam_E"]) == pytest.approx(np.mean(then4["lam_E"]), rel=0.02)
     assert now4["steps_S"] == then4["steps_S"]
+
+
+def test_committed_chapter2_grid_is_the_dashboards_default_over_k_and_tau():
+    """The committed chapter-2 data: the grid the page promises, the dashboard's settings, small enough to commit,
+    and each point's page data equal to its JSON record."""
+    from moewidgets.dashboards.chapter2 import DEFAULT_RUN, N_PROBE, RANK
+    tool = _tool()
+    path = FIGURES / "chapter2.json"
+    data = json.loads(path.read_text())
+    assert path.stat().st_size < 200_000
+    assert data["settings"] == tool.chapter2_settings() and data["settings"]["rank"] == RANK
+    assert data["n_probe"] == N_PROBE and data["config"] == json.loads(DEFAULT_RUN.to_json())
+    sg = chapter2_static_figure(data)
+    assert [s.categories for s in sg.sliders] == [["1", "2", "4", "8"], ["0.3", "1", "3"]]
+    assert [s.value for s in sg.sliders] == ["2", "1"]                   # the dashboard's default point first
+    assert len(sg.keys) == 12 and all(len(t) == 12 for t in sg.titles.values())
+    for p in data["points"]:
+        n = sg.index((p["k"], p["temperature"]))
+        assert p["step"] == DEFAULT_RUN.train.steps and p["n_points"] == N_PROBE
+        for name, field in (("distance.cells", "distance_EE"), ("alignment.cells", "alignment_EE")):
+            cells = sg.table[name][n].data
+            want = [math.nan if p[field][int(y)][int(x)] is None else p[field][int(y)][int(x)]
+                    for x, y in zip(cells["x"], cells["y"])]
+            assert np.allclose(np.asarray(cells["value"], dtype=np.float64), want, rtol=1e-6, equal_nan=True)
+        c = p["comparison"]
+        assert f"split-half floor {c['floor_mean']:.2f} · isotropic {c['iso_mean']:.2f}" in sg.titles["distance"][n]
+        assert f"split-half ceiling {p['alignment']['ceiling']:.2f}" in sg.titles["alignment"][n]

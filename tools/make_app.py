@@ -15,6 +15,11 @@ DASHBOARDS = {
                  "Routing (dense / top-k / soft), top-k, temperature τ, experts E, balancing α and seed retrain a "
                  "small MLP-MoE and its parameter-matched dense baseline; the Jacobian spectra, σ₁ and "
                  "effective-rank bars, output PCA, cross-expert alignment, loss and load redraw as it trains."),
+    "chapter2": ("Chapter2Dashboard", "Chapter 2 — geometric asymmetry: Jacobian alignment vs Grassmann distances, live",
+                 "Top-k (k = E is fully soft), temperature τ, experts E, balancing α and seed retrain a small MLP-MoE; "
+                 "the Grassmann distances between the experts' routed input subspaces (with their random-group null, "
+                 "split-half floor and isotropic level), the cross-expert Jacobian alignment (with its null and "
+                 "ceiling), the distance-vs-alignment scatter and the loss redraw as it trains."),
     "chapter3": ("Chapter3Dashboard", "Chapter 3 — router–expert coupling, load balancing and K-Means routing, live",
                  "Router (learned softmax / online K-Means), balancing α, loss-free rate γ, top-k, experts E and seed "
                  "retrain a small MLP-MoE and the same run without balancing; the router-row cosines, each row "

@@ -12,6 +12,9 @@ with one torch thread:
 
 * chapter 1: top-k ∈ {1, 2, 4, 8 (fully soft)} × τ ∈ {0.1, 0.3, 1, 3, 10}; the other fields as the dashboard's
   default (E=8, D=32, m=64, gate "softmax", α=0, seed 0, 400 steps); the parameter-matched dense baseline once.
+* chapter 2: top-k ∈ {1, 2, 4, 8 (fully soft)} × τ ∈ {0.3, 1, 3}; the other fields as the dashboard's default (chapter
+  1's default run, seed 0, 400 steps), each run probed at its end as the dashboard's final redraw does
+  (``probe_asymmetry`` on the first N_PROBE = 512 probe points with the dashboard's rank, draws and splits).
 * chapter 3: router / α ∈ {K-Means, softmax with α = 0, 1e-3, 1e-2, 0.1} × loss-free γ ∈ {0, 1e-4, 1e-3, 1e-2};
   the other fields as the dashboard's default (SwiGLU experts, gate "renorm", top-2 of 8, task offset 0.5, seed 0,
   400 steps); the K-Means points have α = 0 (the aux loss has no router parameter to act on there).
@@ -37,6 +40,8 @@ import moewidgets  # noqa: E402
 from moewidgets.config import RunConfig  # noqa: E402
 from moewidgets.balance import expert_counts, load_stats  # noqa: E402
 from moewidgets.dashboards.chapter1 import N_PROBE, dense_baseline  # noqa: E402
+from moewidgets.dashboards.chapter2 import DEFAULT_RUN as CH2_RUN, N_PROBE as CH2_N_PROBE, AsymmetryProbe, \
+    Chapter2Dashboard, describe_probe, probe_asymmetry  # noqa: E402
 from moewidgets.dashboards.chapter3 import DEFAULT_RUN as CH3_RUN, LF_RATES, PROBE_TOKENS  # noqa: E402
 from moewidgets.dashboards.chapter4 import DEFAULT_RUN as CH4_RUN, plain_router  # noqa: E402
 from moewidgets.data import make_task  # noqa: E402
@@ -52,6 +57,10 @@ CH1_RUN = RunConfig()
 CH1_AXES = (GridAxis("k", "top-k (8 = fully soft)", (1, 2, 4, 8)),
             GridAxis("temperature", "temperature τ", (0.1, 0.3, 1.0, 3.0, 10.0)))
 CH1_INITIAL = (2, 1.0)                 # the dashboard's default
+CH2_AXES = (GridAxis("k", "top-k (8 = fully soft)", (1, 2, 4, 8)),
+            GridAxis("temperature", "temperature τ", (0.3, 1.0, 3.0)))
+CH2_INITIAL = (CH2_RUN.model.k, CH2_RUN.model.temperature)   # the dashboard's default: top-2, τ = 1
+CH2_LOSS_EVERY = 5                     # chapter 2: the loss curve keeps every 5th step (and the last)
 CH3_AXES = (GridAxis("router_alpha", "router / balancing α", ("kmeans", 0.0, 1e-3, 1e-2, 1e-1),
                      ("k-means", "0", "0.001", "0.01", "0.1")),
             GridAxis("lf_rate", "loss-free γ", LF_RATES))
@@ -114,6 +123,62 @@ def chapter1_grid(log=print) -> dict:
     return dict(dense=chapter1_dense(data), points=points, config=json.loads(CH1_RUN.to_json()),
                 runs=f"{len(points)} MoE runs (one per grid point) and the dense baseline, {CH1_RUN.train.steps} "
                      f"steps each, seed {CH1_RUN.model.seed}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def chapter2_settings() -> dict:
+    """The dashboard's geometry settings (``rank``, ``n_draws``, ``n_splits``), read off a dashboard that is never
+    started, so the grid cannot drift from what the dashboard draws."""
+    dash = Chapter2Dashboard(autostart=False)
+    return dict(rank=dash.rank, n_draws=dash.n_draws, n_splits=dash.n_splits)
+
+
+def chapter2_record(p: AsymmetryProbe, label: str, loss_S) -> dict:
+    """The JSON record of one chapter-2 probe (what ``moewidgets.static.chapter2_static_figure`` reads back): the
+    E×E matrices to 4 significant digits, the reference numbers to 6, the loss every CH2_LOSS_EVERY-th step."""
+    c, a, s = p.comparison, p.alignment, p.summary
+    steps = list(range(CH2_LOSS_EVERY, len(loss_S) + 1, CH2_LOSS_EVERY))
+    if not steps or steps[-1] != len(loss_S):
+        steps.append(len(loss_S))              # the last step is always kept
+    return dict(label=label, final_loss=_round(loss_S[-1]), loss_step_S=steps,
+                loss_S=_round([loss_S[t - 1] for t in steps], 4), rank=p.rank, step=p.step, n_points=p.n_points,
+                distance_EE=_round(p.distance_EE.tolist(), 4), alignment_EE=_round(p.alignment_EE.tolist(), 4),
+                comparison={f: _round(getattr(c, f), 6) for f in ("between_mean", "group_null_lo_mean",
+                                                                   "group_null_hi_mean", "group_null_mean",
+                                                                   "floor_mean", "iso_mean")},
+                alignment={f: _round(getattr(a, f), 6) for f in ("mean_abs_offdiag", "null_level", "null_sd",
+                                                                  "ceiling")},
+                summary={f: _round(getattr(s, f), 6) for f in ("functional_fraction", "representational_fraction")},
+                skipped=sorted(p.skipped), dead=[e for e, d in enumerate(p.alignment.dead.tolist()) if d],
+                geometry=describe_probe(p))
+
+
+def chapter2_point(k: int, temperature: float, data=None, settings: dict | None = None) -> dict:
+    """One chapter-2 grid point: the dashboard's run with top-k and τ, trained to the end, probed as the dashboard's
+    final redraw (``probe_asymmetry`` on the first CH2_N_PROBE probe points, seeded with the run's seed)."""
+    run = CH2_RUN.replace(model=CH2_RUN.model.replace(k=k, temperature=temperature))
+    data = make_task(run.task, run.model.seed) if data is None else data
+    settings = chapter2_settings() if settings is None else settings
+    tr = _train(run, data)
+    p = probe_asymmetry(tr.model, tr.data.x_probe[:CH2_N_PROBE], **settings, seed=run.model.seed,
+                        step=tr.steps_done)
+    return dict(k=k, temperature=temperature, **chapter2_record(p, run.model.label, tr.history.loss))
+
+
+def chapter2_grid(log=print) -> dict:
+    data = make_task(CH2_RUN.task, CH2_RUN.model.seed)
+    settings = chapter2_settings()
+    points = []
+    for k in CH2_AXES[0].values:
+        for tau in CH2_AXES[1].values:
+            t0 = time.perf_counter()
+            points.append(chapter2_point(k, tau, data, settings))
+            log(f"  chapter2 k={k} τ={tau:g}: {time.perf_counter() - t0:.1f} s")
+    return dict(points=points, n_probe=CH2_N_PROBE, settings=settings, config=json.loads(CH2_RUN.to_json()),
+                runs=f"{len(points)} runs (one per grid point), {CH2_RUN.train.steps} steps each, seed "
+                     f"{CH2_RUN.model.seed}, each probed at its end on {CH2_N_PROBE} probe points (rank "
+                     f"{settings['rank']}, {settings['n_draws']} random-group and isotropic draws, "
+                     f"{settings['n_splits']} split halves)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,7 +280,8 @@ def chapter4_grid(log=print) -> dict:
                      f"{CH4_RUN.train.steps} steps each, seed {CH4_RUN.model.seed}")
 
 
-GRIDS = {"chapter1": (chapter1_grid, CH1_AXES, CH1_INITIAL), "chapter3": (chapter3_grid, CH3_AXES, CH3_INITIAL),
+GRIDS = {"chapter1": (chapter1_grid, CH1_AXES, CH1_INITIAL), "chapter2": (chapter2_grid, CH2_AXES, CH2_INITIAL),
+         "chapter3": (chapter3_grid, CH3_AXES, CH3_INITIAL),
          "chapter4": (chapter4_grid, CH4_AXES, CH4_INITIAL)}
 
 

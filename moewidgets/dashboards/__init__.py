@@ -4,8 +4,9 @@ Importing this package imports ipywidgets and bokeh (``import moewidgets`` alone
 """
 from .chapter1 import Chapter1Dashboard
 from .chapter2 import Chapter2Dashboard
+from .chapter2_lm import Chapter2LMDashboard
 from .chapter3 import Chapter3Dashboard
 from .chapter4 import Chapter4Dashboard
 from .runner import LiveRunner, RunState, RunTimings, describe_run
 
-__all__ = ["Chapter1Dashboard", "Chapter2Dashboard", "Chapter3Dashboard", "Chapter4Dashboard", "LiveRunner", "RunState", "RunTimings", "describe_run"]
+__all__ = ["Chapter1Dashboard", "Chapter2Dashboard", "Chapter2LMDashboard", "Chapter3Dashboard", "Chapter4Dashboard", "LiveRunner", "RunState", "RunTimings", "describe_run"]

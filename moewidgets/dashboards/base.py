@@ -73,6 +73,9 @@ class DashboardBase:
     _describe: ClassVar[Callable[[RunConfig], str]] = staticmethod(describe_run)
     _reference_of: ClassVar[Callable[[RunConfig], RunConfig | None]] = staticmethod(lambda run: None)
     _status_timings: ClassVar[bool] = False    # the status line carries the live loop's timings as attributes
+    _config_class: ClassVar[type] = RunConfig  # what load_json parses (any config with from_json / to_json)
+    _runner_class: ClassVar[type[LiveRunner]] = LiveRunner   # a subclass may word the status line its own way
+    _loss_label: ClassVar[str] = "train MSE"   # the loss in status_summary
 
     views: Any
 
@@ -86,7 +89,7 @@ class DashboardBase:
         self._initial = config if config is not None else self._default_config()
         self._config = self._initial
         self._syncing = False               # True while code (not the user) sets widget values
-        self.runner = LiveRunner(on_status=self._show_status, on_chunk=self._draw_chunk,
+        self.runner = self._runner_class(on_status=self._show_status, on_chunk=self._draw_chunk,
                                  reference_of=self._reference_of, describe=self._describe, **self._runner_hooks())
         self._build_widgets()
         self._set_widgets(self._initial)
@@ -99,8 +102,12 @@ class DashboardBase:
         return RunConfig()
 
     def _runner_hooks(self) -> dict[str, Any]:
-        """Extra :class:`~.runner.LiveRunner` callbacks (``probe``, ``on_probes``)."""
+        """Extra :class:`~.runner.LiveRunner` callbacks (``probe``, ``on_probes``, ``make_trainer``)."""
         return {}
+
+    def _moe_of(self, run):
+        """The :class:`~moewidgets.config.MoEConfig` inside a run config (``run.model`` for a RunConfig)."""
+        return run.model
 
     def _build_controls(self, wide: dict) -> list[W.Widget]:
         """Create the chapter's own widgets; return them (each one retrains on change)."""
@@ -176,7 +183,7 @@ class DashboardBase:
 
     def _set_widgets(self, run: RunConfig) -> None:
         """Show ``run`` on the widgets (ranges widen for values a slider cannot show) without triggering runs."""
-        m = run.model
+        m = self._moe_of(run)
         self._syncing = True
         try:
             self.w_experts.min, self.w_experts.max = min(2, m.n_experts), max(16, m.n_experts)
@@ -215,6 +222,10 @@ class DashboardBase:
             self.w_json.value = run.to_json(indent=1)
         finally:
             self._syncing = False
+        self._request(run)
+
+    def _request(self, run: RunConfig) -> None:
+        """Hand a new run to the runner (a subclass may check more first, e.g. that its data exists)."""
         self.runner.request(run)
 
     def load(self, run: RunConfig) -> None:
@@ -223,10 +234,10 @@ class DashboardBase:
         self._start(run)
 
     def load_json(self, text: str) -> bool:
-        """Load a RunConfig from JSON text (the Load button). Bad JSON or values → status line error, nothing
-        recomputed, the plots stay. Returns True if it loaded."""
+        """Load a run config (a ``_config_class``, by default a RunConfig) from JSON text (the Load button). Bad
+        JSON or values → status line error, nothing recomputed, the plots stay. Returns True if it loaded."""
         try:
-            run = RunConfig.from_json(text)
+            run = self._config_class.from_json(text)
         except json.JSONDecodeError as exc:
             self.runner.fail(f"config JSON is not valid JSON: {exc}")
             return False
@@ -291,7 +302,8 @@ class DashboardBase:
             return f"{self._describe(self._config)} — not trained yet"
         tr = st.trainer
         loss = tr.history.loss[-1] if tr.history.loss else math.nan
-        text = f"{self._describe(st.run)} — {tr.steps_done}/{tr.cfg.steps} steps · final train MSE {loss:.2g}"
+        text = (f"{self._describe(st.run)} — {tr.steps_done}/{tr.cfg.steps} steps · final {self._loss_label} "
+                f"{loss:.2g}")
         text += self._summary_extra()
         return f"{text} · {st.phase}" if st.phase != "error" else f"{text} · error: {st.error}"
 

@@ -54,7 +54,8 @@ from .base import DashboardBase
 from .runner import RunState, describe_run
 
 __all__ = ["Chapter2Dashboard", "Chapter2Views", "AsymmetryTrack", "AsymmetryProbe", "PairPoints",
-           "probe_asymmetry", "DEFAULT_RUN", "N_PROBE", "RANK"]
+           "probe_asymmetry", "probe_layer_asymmetry", "draw_asymmetry", "describe_probe", "DEFAULT_RUN",
+           "N_PROBE", "RANK"]
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,40 @@ def probe_asymmetry(model, x_ND: torch.Tensor, *, rank: int = RANK, n_draws: int
     t0 = time.perf_counter()
     with torch.no_grad():
         trace = trace_model(model, x_ND)
+    p = probe_layer_asymmetry(model.layer.experts, trace, rank=rank, n_draws=n_draws, n_splits=n_splits, seed=seed,
+                              weighting=weighting, step=step)
+    p.wall_s = time.perf_counter() - t0          # tracing included
+    return p
+
+
+def probe_layer_asymmetry(experts, trace, *, rank: int = RANK, n_draws: int = 12, n_splits: int = 6, seed: int = 0,
+                          weighting: str = "gates", step: int = 0) -> AsymmetryProbe:
+    """Paper 2's two sides of one MoE layer from its routing ``trace`` (what :func:`probe_asymmetry` computes after
+    tracing; the transformer dashboard calls it once per layer on the traces of
+    :func:`~moewidgets.lm.trace_lm`).
+
+    Same draws as :func:`~moewidgets.geometry.asymmetry.layer_asymmetry` with ``generator=seed`` and rank
+    ``min(rank, D)``, so the numbers are the same (less the co-selected cosines).
+
+    Args:
+        experts: the layer's expert bank (``layer.experts``).
+        trace: its :class:`~moewidgets.trace.RoutingTrace`, ``x_TD`` (T, D) with ``idx_TK``, ``gates_TK``.
+
+    >>> from moewidgets import MoEConfig, build_model, trace_model
+    >>> model = build_model(MoEConfig(n_experts=4, k=1, d_model=8, d_hidden=16))
+    >>> trace = trace_model(model, torch.randn(200, 8, generator=torch.Generator().manual_seed(0)))
+    >>> probe_layer_asymmetry(model.layer.experts, trace, rank=2, step=7).alignment_EE.shape
+    (4, 4)
+
+    Chapter 2 (book/chapter2.ipynb).
+    """
+    t0 = time.perf_counter()
+    with torch.no_grad():
         D = int(trace.x_TD.shape[1])
         g = make_generator(seed)
         w_NE = routing_weights(trace, weighting)
         subspaces = trace_subspaces(trace, space="inputs", weighting=weighting, rank=min(rank, D))
-        alignment = bank_jacobian_alignment(model.layer.experts, trace.x_TD, w_NE, generator=g)
+        alignment = bank_jacobian_alignment(experts, trace.x_TD, w_NE, generator=g)
         comparison = compare_subspaces(subspaces, "geodesic", True, generator=g, n_draws=n_draws,
                                        n_splits=n_splits)
         summary = asymmetry_summary(alignment, comparison, generator=g)
@@ -207,7 +237,9 @@ class Chapter2Views:
     layout: object
 
     @classmethod
-    def build(cls) -> "Chapter2Views":
+    def build(cls, loss_label: str = "train MSE (per output)", ref_label: str | None = None) -> "Chapter2Views":
+        """The views; the loss plot's y axis says ``loss_label``; ``ref_label`` names its dashed curve (None: no
+        reference curve, its legend entry dropped)."""
         caption = V.build_caption("Functional vs representational geometry: waiting for the first probe")
         distance = V.build_heatmap_view("Routed input subspaces", "d̂_geo = ‖θ‖₂ / ((π/2)√r)", low=0.0, high=1.0)
         alignment = V.build_heatmap_view("Cross-expert Jacobian alignment", "|cos_F(J̄_i, J̄_j)|", low=0.0,
@@ -216,9 +248,11 @@ class Chapter2Views:
                                        "Grassmann distance d̂_geo (routed inputs)", "|cos_F(J̄_i, J̄_j)|",
                                        x_span=(0.0, 1.0), y_span=(1e-3, 1.5), y_log=True,
                                        band_label="random-group null (95%)")
-        loss = V.build_series_view("Training loss", "train MSE (per output)", curve_label="model", y_log=True)
-        legend = loss.figure.legend[0]
-        legend.items = legend.items[:1]            # no reference run in this chapter: drop its legend entry
+        loss = V.build_series_view("Training loss", loss_label, ref_label=ref_label or "reference",
+                                   curve_label="model", y_log=True)
+        if ref_label is None:
+            legend = loss.figure.legend[0]
+            legend.items = legend.items[:1]        # no reference run in this chapter: drop its legend entry
         for fig in (distance.figure, alignment.figure, scatter.figure, loss.figure):
             fig.width, fig.height = FIG_W, FIG_H
             fig.title.text_font_size = "10pt"
@@ -240,6 +274,65 @@ def _band(lo: float, hi: float) -> str:
 def _short(reason: str) -> str:
     """'expert 3: 12 routed tokens < 5·rank=20 (rank=4; ...)' → 'expert 3: 12 routed tokens < 5·rank=20'."""
     return reason.split(" (")[0]
+
+
+def draw_asymmetry(views: Chapter2Views, p: AsymmetryProbe) -> None:
+    """Draw one :class:`AsymmetryProbe` on the distance and alignment heatmaps and the pair scatter of ``views``
+    (fields picked, nothing computed), each titled with its references. Shared by both chapter-2 dashboards.
+
+    >>> from moewidgets import MoEConfig, build_model
+    >>> model = build_model(MoEConfig(n_experts=4, k=2, d_model=8, d_hidden=16))
+    >>> p = probe_asymmetry(model, torch.randn(200, 8, generator=torch.Generator().manual_seed(0)), rank=2)
+    >>> views = Chapter2Views.build()
+    >>> draw_asymmetry(views, p)
+    >>> len(views.distance.cells.data["value"]), views.distance.figure.title.text.startswith("Routed input")
+    (16, True)
+
+    Chapter 2 (book/chapter2.ipynb).
+    """
+    c, a, s = p.comparison, p.alignment, p.summary
+    V.update_heatmap(views.distance, p.distance_EE,
+                     title=f"Routed input subspaces (r={p.rank}): mean d̂_geo {_fmt(c.between_mean)}\n"
+                           f"random-group null {_band(c.group_null_lo_mean, c.group_null_hi_mean)} · "
+                           f"split-half floor {_fmt(c.floor_mean)} · isotropic {_fmt(c.iso_mean)}")
+    V.update_heatmap(views.alignment, p.alignment_EE,
+                     title=f"Jacobian alignment: mean |cos_F| {_fmt(a.mean_abs_offdiag, '.3f')}\n"
+                           f"null {_fmt(a.null_level, '.3f')} (Gaussian, SD {_fmt(a.null_sd, '.3f')}) · "
+                           f"split-half ceiling {_fmt(a.ceiling)}")
+    pp = p.pairs()
+    V.update_scatter(views.scatter, pp.distance, pp.alignment, pp.labels,
+                     x_refs=[("split-half floor (x)", c.floor_mean), ("isotropic (x)", c.iso_mean)],
+                     y_refs=[("alignment null (y)", a.null_level), ("split-half ceiling (y)", a.ceiling)],
+                     x_band=(c.group_null_lo_mean, c.group_null_hi_mean),
+                     title=f"Function vs representation, per expert pair\nfunctional "
+                           f"{_fmt(s.functional_fraction)} · representational "
+                           f"{_fmt(s.representational_fraction)} of the way to the same expert")
+
+
+def describe_probe(p: AsymmetryProbe, points: str = "probe points") -> str:
+    """The caption's geometry part: where it was probed, how, and which experts have no subspace (grey cells) or
+    no routed token. ``points`` names the probed points ("probe points", "held-out tokens").
+
+    >>> from moewidgets import MoEConfig, build_model
+    >>> model = build_model(MoEConfig(n_experts=4, k=2, d_model=8, d_hidden=16))
+    >>> p = probe_asymmetry(model, torch.randn(200, 8, generator=torch.Generator().manual_seed(0)), rank=2)
+    >>> describe_probe(p)[:40]
+    'geometry at step 0 on 200 probe points: '
+
+    Chapter 2 (book/chapter2.ipynb).
+    """
+    text = (f"geometry at step {p.step} on {p.n_points} {points}: rank-{p.rank} gate-weighted PCA "
+            f"of each expert's routed inputs; mean Jacobians weighted by the gates")
+    skipped = [_short(r) for _, r in sorted(p.skipped.items())]
+    dead = [e for e, d in enumerate(p.alignment.dead.tolist()) if d]
+    if skipped:
+        text += f" · no subspace (grey cells): {'; '.join(skipped)}"
+    if dead:
+        text += f" · no routed token, no mean Jacobian: expert{'s' if len(dead) > 1 else ''} " \
+                f"{', '.join(map(str, dead))}"
+    if not skipped and not dead:
+        text += " · every expert has a subspace"
+    return text
 
 
 class Chapter2Dashboard(DashboardBase):
@@ -333,23 +426,7 @@ class Chapter2Dashboard(DashboardBase):
             return
         t.probe, t.error = p, None
         t.geometry_s.append(p.wall_s)
-        c, a, s = p.comparison, p.alignment, p.summary
-        V.update_heatmap(v.distance, p.distance_EE,
-                         title=f"Routed input subspaces (r={p.rank}): mean d̂_geo {_fmt(c.between_mean)}\n"
-                               f"random-group null {_band(c.group_null_lo_mean, c.group_null_hi_mean)} · "
-                               f"split-half floor {_fmt(c.floor_mean)} · isotropic {_fmt(c.iso_mean)}")
-        V.update_heatmap(v.alignment, p.alignment_EE,
-                         title=f"Jacobian alignment: mean |cos_F| {_fmt(a.mean_abs_offdiag, '.3f')}\n"
-                               f"null {_fmt(a.null_level, '.3f')} (Gaussian, SD {_fmt(a.null_sd, '.3f')}) · "
-                               f"split-half ceiling {_fmt(a.ceiling)}")
-        pp = p.pairs()
-        V.update_scatter(v.scatter, pp.distance, pp.alignment, pp.labels,
-                         x_refs=[("split-half floor (x)", c.floor_mean), ("isotropic (x)", c.iso_mean)],
-                         y_refs=[("alignment null (y)", a.null_level), ("split-half ceiling (y)", a.ceiling)],
-                         x_band=(c.group_null_lo_mean, c.group_null_hi_mean),
-                         title=f"Function vs representation, per expert pair\nfunctional "
-                               f"{_fmt(s.functional_fraction)} · representational "
-                               f"{_fmt(s.representational_fraction)} of the way to the same expert")
+        draw_asymmetry(v, p)
 
     def _write_caption(self, st: RunState) -> None:
         tr, t = st.trainer, self.track
@@ -359,17 +436,7 @@ class Chapter2Dashboard(DashboardBase):
         if p is None:
             text += " · geometry: waiting for the first probe (the plots show the previous run until then)"
         else:
-            text += (f" · geometry at step {p.step} on {p.n_points} probe points: rank-{p.rank} gate-weighted PCA "
-                     f"of each expert's routed inputs; mean Jacobians weighted by the gates")
-            skipped = [_short(r) for _, r in sorted(p.skipped.items())]
-            dead = [e for e, d in enumerate(p.alignment.dead.tolist()) if d]
-            if skipped:
-                text += f" · no subspace (grey cells): {'; '.join(skipped)}"
-            if dead:
-                text += f" · no routed token, no mean Jacobian: expert{'s' if len(dead) > 1 else ''} " \
-                        f"{', '.join(map(str, dead))}"
-            if not skipped and not dead:
-                text += " · every expert has a subspace"
+            text += " · " + describe_probe(p)
         if t.error is not None:
             text += f" · {t.error} (last good geometry kept)"
         self.views.caption.text = html.escape(text)

@@ -82,6 +82,10 @@ class LiveRunner:
         probe(state) -> result:     compute the expensive probes (every ``probe_every`` steps and at the end).
         on_probes(state, result):   redraw the expensive views.
         reference_of(run) -> RunConfig | None: the reference model to train alongside (None: none).
+        make_trainer(run) -> trainer: build a run's trainer (default: a Trainer on the cached task).
+
+    Any trainer with ``step(n)``, ``done``, ``steps_done``, ``cfg.steps`` and ``history.loss`` works: chapter 2's
+    transformer dashboard passes :meth:`LMTrainer.from_config <moewidgets.lm.LMTrainer.from_config>`.
 
     Knobs: ``debounce_s`` (request → start), ``chunk_s`` (target seconds per chunk), ``probe_every`` (steps between
     probes), ``threads`` (torch intra-op threads while training, default 1; None leaves the setting alone).
@@ -105,10 +109,12 @@ class LiveRunner:
                  on_probes: Callable[[RunState, Any], None] = lambda state, result: None,
                  reference_of: Callable[[RunConfig], RunConfig | None] = lambda run: None,
                  describe: Callable[[RunConfig], str] = describe_run,
+                 make_trainer: Callable[[Any], Any] | None = None,
                  debounce_s: float = 0.25, chunk_s: float = 0.04, probe_every: int = 100,
                  threads: int | None = 1):
         self.on_status, self.on_chunk, self.probe, self.on_probes = on_status, on_chunk, probe, on_probes
         self.reference_of, self.describe = reference_of, describe
+        self.make_trainer = make_trainer
         self.debounce_s, self.chunk_s, self.probe_every = debounce_s, chunk_s, probe_every
         self.threads = threads                    # torch threads while training (None: leave as is)
         self.generation = 0
@@ -231,7 +237,7 @@ class LiveRunner:
         t_fire = time.perf_counter()
         self.runs_started += 1
         with torch_threads(self.threads):
-            trainer = Trainer.from_config(run, data=self._task_data(run))
+            trainer = self._build(run)
             reference = self._reference(run)
         st = RunState(run, generation, trainer, reference, t_fire)
         self.state = st
@@ -292,6 +298,12 @@ class LiveRunner:
         return True
 
     # -- caches --------------------------------------------------------------------------------------------------
+    def _build(self, run) -> Any:
+        """A fresh trainer for ``run``: ``make_trainer(run)``, or a Trainer on the cached task."""
+        if self.make_trainer is not None:
+            return self.make_trainer(run)
+        return Trainer.from_config(run, data=self._task_data(run))
+
     def _task_data(self, run: RunConfig) -> TaskData:
         """The drawn task for (task config, seed), cached: drawing 16k points costs more than a chunk."""
         key = f"{run.task.to_json()}|{run.model.seed}"
@@ -309,7 +321,7 @@ class LiveRunner:
             return None
         key = ref_run.to_json()
         if key not in self._references:
-            self._references[key] = Trainer.from_config(ref_run, data=self._task_data(ref_run))
+            self._references[key] = self._build(ref_run)
             while len(self._references) > 8:
                 self._references.popitem(last=False)
         self._references.move_to_end(key)

@@ -75,7 +75,7 @@ from .common import PROBE_POINTS, ClaimResult, _by_arm, _compare, _converged, _v
 __all__ = ["CHAPTER2_ARMS", "CHAPTER2_PINNED_ARMS", "PINNED_METRICS_CH2", "LM_CONVERGENCE_MARGIN",
            "LM_CONVERGE_FACTOR", "LM_EVAL_TOKENS", "LM_PROBE_TOKENS", "LM_SPECTRA_TOKENS", "SUBSPACE_RANK",
            "chapter2_mlp_run", "chapter2_lm_config", "chapter2_payload", "chapter2_job", "chapter2_jobs",
-           "chapter2_claims"]
+           "chapter2_claims", "lm_convergence_table"]
 
 #: The arms by name. ``model`` is the setting ("mlp" or "lm"), ``k`` the top-k ("all" means fully soft, k = E),
 #: ``arch`` a dense baseline ("dense" is parameter-matched, hidden E·m, the comparator of SC-7).
@@ -220,19 +220,11 @@ def _head(trace, n: int) -> RoutingTrace:
                         trace.n_experts)
 
 
-def _argmax_weights(trace) -> torch.Tensor:
-    """(T, E) one-hot of each token's largest gate: its top-1 expert. Not ``routing_weights(trace, "argmax")``,
-    which reads slot 0 of ``idx_TK``: with k = E the router lists the experts in a fixed order (slot 0 is
-    always expert 0), so slot 0 is the top-1 expert only for k < E."""
-    g_TE = trace.gate_matrix()
-    return torch.zeros_like(g_TE).scatter_(1, g_TE.argmax(1, keepdim=True), 1.0)
-
-
 def _layer_geometry(experts, trace, *, rank: int, n_draws: int, n_splits: int, generator: torch.Generator,
                     spectra_tokens: int = 0) -> dict[str, float]:
     """Chapter 2's numbers of one layer on one routing trace (module docstring); ``spectra_tokens > 0`` adds the
     Jacobian spectra (σ1, stable rank) on that many leading tokens. A dense FFN (one expert): the spectra only."""
-    from ..geometry import (chapter1_probes, compare_subspaces, layer_asymmetry, routed_subspaces,
+    from ..geometry import (chapter1_probes, compare_subspaces, layer_asymmetry, routed_subspaces, routing_weights,
                             subspace_distance_matrix, trace_subspaces)
     out: dict[str, float] = {}
     if spectra_tokens > 0:
@@ -262,7 +254,7 @@ def _layer_geometry(experts, trace, *, rank: int, n_draws: int, n_splits: int, g
                asym_rep_group_z=s.representational_group_z, asym_rep_frac=s.representational_fraction,
                asym_gap=s.gap)
     # the fully-soft caveat (§2.7.3): arg-max membership (a partition, the same rule for every arm) ...
-    argmax = routed_subspaces(trace.x_TD, _argmax_weights(trace), rank=rank, space="inputs")
+    argmax = routed_subspaces(trace.x_TD, routing_weights(trace, "argmax"), rank=rank, space="inputs")
     _put_comparison(out, "sub_geo_argmax",
                     compare_subspaces(argmax, "geodesic", generator=generator, n_draws=n_draws, n_splits=n_splits))
     # ... and plain membership, which for k = E gives every expert the same subspace (distance 0 by construction)
@@ -423,6 +415,42 @@ def _lm_converged(arms: dict[str, dict[int, dict]], arm: str) -> bool:
     if not base or set(long) != set(base):
         return False
     return all(base[s]["eval_loss"] - long[s]["eval_loss"] <= LM_CONVERGENCE_MARGIN for s in base)
+
+
+def lm_convergence_table(rows: list[dict]) -> str:
+    """The LM arms' convergence: mean held-out loss (nats per token, 3 decimals) and perplexity after N and 2N steps, the worst
+    seed's gap in nats against :data:`LM_CONVERGENCE_MARGIN`, and the verdict (the LM counterpart of
+    :func:`~moewidgets.reproduce.common.convergence_table`; fixed width, 3 significant digits).
+
+    >>> rows = [{"arm": a, "seed": s, "metrics": {"eval_loss": v, "steps": n}}
+    ...         for a, v, n in (("lm-soft", 4.70, 400), ("lm-soft:2x", 4.60, 800)) for s in range(2)]
+    >>> print(lm_convergence_table(rows))
+    arm         loss 400 steps   loss 800 steps   ppl 400   ppl 800  worst gap (nats)  converged
+    lm-soft              4.700            4.600       110      99.5             0.100  NO
+
+    Chapter 2 (book/chapter2.ipynb).
+    """
+    by_arm = _by_arm(rows)
+    arms = [a for a in LM_ARMS if a in by_arm]
+    if not arms:
+        return "no LM rows"
+    n = next(m["steps"] for m in by_arm[arms[0]].values())
+    n2 = LM_CONVERGE_FACTOR * n
+    lines = [f"{'arm':<10}{f'loss {n} steps':>16}{f'loss {n2} steps':>17}{f'ppl {n}':>10}{f'ppl {n2}':>10}"
+             f"{'worst gap (nats)':>18}  converged"]
+    for arm in arms:
+        base, long = by_arm[arm], by_arm.get(f"{arm}:{LM_CONVERGE_FACTOR}x", {})
+        seeds = sorted(set(base) & set(long))
+        if not seeds:
+            lines.append(f"{arm:<10}{'(no 2× runs)':>16}")
+            continue
+        loss = float(np.mean([base[s]["eval_loss"] for s in seeds]))
+        loss2 = float(np.mean([long[s]["eval_loss"] for s in seeds]))
+        gap = max(base[s]["eval_loss"] - long[s]["eval_loss"] for s in seeds)
+        ok = "yes" if _lm_converged(by_arm, arm) else "NO"
+        lines.append(f"{arm:<10}{loss:>16.3f}{loss2:>17.3f}{math.exp(loss):>10.3g}{math.exp(loss2):>10.3g}"
+                     f"{gap:>18.3f}  {ok}")
+    return "\n".join(lines)
 
 
 def _arm_converged(arms, arm: str) -> bool:
