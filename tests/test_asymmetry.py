@@ -250,6 +250,10 @@ def test_layer_asymmetry_equals_its_pieces(k):
     else:
         ref = coselected_jacobian_cosine(bank, tr.x_TD, tr.idx_TK)
         torch.testing.assert_close(res.coselected.matrix, ref.matrix, equal_nan=True)
+    # without the co-selected cosines (the live dashboards): the same draws, so the same everything else
+    lean = layer_asymmetry(bank, tr, weighting="argmax", rank=2, min_tokens=12, metric="chordal", generator=3,
+                           n_draws=4, n_splits=2, min_points=4, coselected=False)
+    assert lean.coselected is None and lean.summary == res.summary
 
 
 def test_token_chunking_by_memory_budget_changes_nothing(monkeypatch):

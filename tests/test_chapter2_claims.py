@@ -174,7 +174,7 @@ def test_jobs_cover_every_arm_and_seed_with_convergence_runs():
     jobs = c2.chapter2_jobs(seeds=2)
     arms = {j.arm for j in jobs}
     assert arms == set(c2.CHAPTER2_ARMS) | {f"{a}:4x" for a in ("top-1", "top-2", "top-4", "soft")} \
-        | {f"{a}:2x" for a in ("lm-top-2", "lm-soft", "lm-dense")}
+        | {f"{a}:2x" for a in ("lm-top-2", "lm-soft", "lm-dense", "lm-dense-active")}
     assert len(jobs) == 2 * 2 * len(c2.CHAPTER2_ARMS)
     assert _resolve(jobs[0].fn) is c2.chapter2_job
     by = {(j.arm, j.seed): j.payload for j in jobs}
@@ -183,6 +183,7 @@ def test_jobs_cover_every_arm_and_seed_with_convergence_runs():
     assert by[("soft", 0)]["run"]["model"]["k"] == 8 and by[("lm-soft", 0)]["lm"]["moe"]["k"] == 8
     assert by[("lm-top-2", 1)]["lm"]["steps"] == 400 and by[("lm-top-2:2x", 1)]["lm"]["steps"] == 800
     assert by[("lm-dense", 0)]["lm"]["moe"]["arch"] == "dense" and by[("lm-top-2", 1)]["lm"]["seed"] == 1
+    assert by[("lm-dense-active", 1)]["lm"]["moe"]["arch"] == "dense_active"       # hidden k·m, k = 2
     assert not by[("lm-top-2:2x", 1)]["converge_only"]             # the LM's 2× runs are probed too
     longer = {(j.arm, j.seed): j.payload for j in c2.chapter2_jobs(seeds=1, arms=["lm-soft"], lm_steps=300)}
     assert longer[("lm-soft", 0)]["lm"]["steps"] == 300 and longer[("lm-soft:2x", 0)]["lm"]["steps"] == 600
@@ -225,7 +226,8 @@ def make_rows(lm_gap: float = 0.01) -> list[dict]:
                  "sub_geo_argmax": dist + jitter, "sub_geo_2r": dist - 0.1 + jitter}
             rows.append({"arm": arm, "seed": s, "metrics": m})
             rows.append({"arm": arm + ":4x", "seed": s, "metrics": {"probe_mse": 0.0099}})
-        for arm, align, sigma in (("lm-top-2", 0.03, 1.0), ("lm-soft", 0.08, 1.5), ("lm-dense", None, 3.0)):
+        for arm, align, sigma in (("lm-top-2", 0.03, 1.0), ("lm-soft", 0.08, 1.5), ("lm-dense", None, 3.0),
+                                  ("lm-dense-active", None, 2.0)):
             m = {"eval_loss": 4.6, "n_layers": 3}
             for p in ("L0_", "L1_", "L2_", ""):
                 m[p + "sigma1"] = sigma + jitter
@@ -273,6 +275,8 @@ def test_claims_give_the_expected_verdicts():
     assert not any(r.holds for r in verdicts(res, "GA-6", "LM", "lm-top-2", "lm-soft"))
     sc7 = verdicts(res, "SC-7", "layer 1", "lm-soft", "lm-dense")[0]
     assert sc7.mean_a == pytest.approx(1.502) and sc7.mean_b == pytest.approx(3.002)
+    sc7_active = verdicts(res, "SC-7", "active-matched", "lm-top-2", "lm-dense-active")
+    assert len(sc7_active) == 3 and sc7_active[0].mean_b == pytest.approx(2.002)      # one per layer
     # the LM verdicts repeated on the 2×-trained runs (same values here: same verdicts)
     again = [r for r in res if r.statement.endswith("[2× training]")]
     assert {r.claim for r in again} == {"GA-1", "GA-2", "GA-3", "GA-4", "GA-6", "SC-7", "SC-8"}

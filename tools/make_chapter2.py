@@ -113,7 +113,8 @@ cells.append(md(r"""## The set-up (ours)
 * **Transformer arms** (SC-7, SC-8 and GA-1 … GA-4, GA-6 in a language model): our CPU preset of the paper-1
   transformer: 3 pre-norm layers, D = 64, 4 heads, context 64, an MoE FFN (8 GELU experts of width 128) in every
   block with Switch aux weight 0.01; 4,096-word vocabulary; AdamW lr 10⁻², 400 steps of 16 × 64 tokens. Arms
-  **lm-top-2**, **lm-soft** (k = 8) and **lm-dense** (a dense FFN of width 8·128, parameter-matched). Held-out
+  **lm-top-2**, **lm-soft** (k = 8), **lm-dense** (a dense FFN of width 8·128, parameter-matched) and
+  **lm-dense-active** (a dense FFN of width 2·128, matched to the active compute of top-2). Held-out
   perplexity on the first 20,000 targets of `test.txt`; every layer probed on the first 1,024 test tokens.
 * **Geometry:** rank r = 4 gate-weighted PCA subspaces of the routed **inputs** (and r = 8 as a stability check),
   experts with fewer than 5r routed tokens skipped; 20 random-group and isotropic draws and 10 split halves per
@@ -164,7 +165,7 @@ cells.append(md(r"""## The claims, over 5 seeds
 The tables are rendered from `book/results/chapter2.jsonl`, written by
 
 ```bash
-python -m moewidgets reproduce chapter2   # 7 arms × 5 seeds, plus the convergence runs; resumable (~35 min on 2 cores)
+python -m moewidgets reproduce chapter2   # 8 arms × 5 seeds, plus the convergence runs; resumable (~40 min on 2 cores)
 ```
 
 **Pass rule** (as in every chapter): the per-seed difference A − B has the predicted sign in ≥ 4 of 5 seeds **and**
@@ -197,13 +198,14 @@ from moewidgets.wikitext import baselines, load_wikitext
 
 data = load_wikitext(None, 4096, verbose=False)       # $MOEWIDGETS_DATA, as the claim runs
 base = baselines(data, max_tokens=20_000)
-print(f"{'model':<22}{'ppl':>8}{'÷ unigram':>11}")
-print(f"{'unigram (add-one)':<22}{base.unigram_ppl:>8.1f}{1:>11.2f}")
-print(f"{'bigram (Kneser–Ney)':<22}{base.bigram_ppl:>8.1f}{base.bigram_ppl / base.unigram_ppl:>11.2f}")
-for arm in ("lm-top-2", "lm-soft", "lm-dense", "lm-top-2:2x", "lm-soft:2x", "lm-dense:2x"):
+print(f"{'model':<32}{'ppl':>8}{'÷ unigram':>11}")
+print(f"{'unigram (add-one)':<32}{base.unigram_ppl:>8.1f}{1:>11.2f}")
+print(f"{'bigram (Kneser–Ney)':<32}{base.bigram_ppl:>8.1f}{base.bigram_ppl / base.unigram_ppl:>11.2f}")
+for arm in ("lm-top-2", "lm-soft", "lm-dense", "lm-dense-active",
+            "lm-top-2:2x", "lm-soft:2x", "lm-dense:2x", "lm-dense-active:2x"):
     ppl = st.mean(r["metrics"]["ppl"] for r in rows if r["arm"] == arm)
     steps = next(r["metrics"]["steps"] for r in rows if r["arm"] == arm)
-    print(f"{arm + f' ({steps} steps)':<22}{ppl:>8.1f}{ppl / base.unigram_ppl:>11.2f}")"""))
+    print(f"{arm + f' ({steps} steps)':<32}{ppl:>8.1f}{ppl / base.unigram_ppl:>11.2f}")"""))
 
 cells.append(md(r"""### Every arm side by side
 
@@ -224,9 +226,11 @@ for arm in ("top-1", "top-2", "top-4", "soft", "lm-top-2", "lm-soft", "lm-top-2:
     print(f"{arm:<13}" + "".join(f"{cell(k, f):>7}" for k, _, f in keys))"""))
 
 cells.append(md(r"""And per layer of the transformer (lm-top-2, 400 steps): alignment, distance and the expert-local Jacobian's
-leading singular value $\sigma_1$ against the dense FFN's (SC-7)."""))
+leading singular value $\sigma_1$ against the dense FFNs' (SC-7: parameter-matched, width 1,024; active-matched,
+width 256)."""))
 
 cells.append(code(r"""dense = [r["metrics"] for r in rows if r["arm"] == "lm-dense"]
+active = [r["metrics"] for r in rows if r["arm"] == "lm-dense-active"]
 for arm in ("lm-top-2", "lm-soft"):
     ms = [r["metrics"] for r in rows if r["arm"] == arm]
     for layer in range(3):
@@ -234,7 +238,8 @@ for arm in ("lm-top-2", "lm-soft"):
         print(f"{arm:<9} layer {layer}: |A| {st.mean(m[p + 'align_mean_abs'] for m in ms):.3f} · d_geo "
               f"{st.mean(m[p + 'sub_geo'] for m in ms):.3f} (floor {st.mean(m[p + 'sub_geo_floor'] for m in ms):.3f}, "
               f"iso {st.mean(m[p + 'sub_geo_iso'] for m in ms):.3f}) · σ1 {st.mean(m[p + 'sigma1'] for m in ms):.2f} "
-              f"vs dense {st.mean(m[p + 'sigma1'] for m in dense):.2f}")"""))
+              f"vs dense {st.mean(m[p + 'sigma1'] for m in dense):.2f} (param.-matched) / "
+              f"{st.mean(m[p + 'sigma1'] for m in active):.2f} (active-matched)")"""))
 
 cells.append(md((Path(__file__).parent / "chapter2_findings.md").read_text()
                 if (Path(__file__).parent / "chapter2_findings.md").exists() else "## What holds, and what does not"))

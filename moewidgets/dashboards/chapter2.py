@@ -45,10 +45,9 @@ from bokeh.layouts import column, gridplot
 
 from .. import views as V
 from ..config import RunConfig
-from ..geometry.alignment import JacobianAlignment, bank_jacobian_alignment, make_generator
-from ..geometry.asymmetry import AsymmetrySummary, asymmetry_summary
-from ..geometry.subspaces import RoutedSubspaces, SubspaceComparison, compare_subspaces, routing_weights, \
-    trace_subspaces
+from ..geometry.alignment import JacobianAlignment
+from ..geometry.asymmetry import AsymmetrySummary, layer_asymmetry
+from ..geometry.subspaces import RoutedSubspaces, SubspaceComparison
 from ..train import trace_model
 from .base import DashboardBase
 from .runner import RunState, describe_run
@@ -184,8 +183,8 @@ def probe_layer_asymmetry(experts, trace, *, rank: int = RANK, n_draws: int = 12
     tracing; the transformer dashboard calls it once per layer on the traces of
     :func:`~moewidgets.lm.trace_lm`).
 
-    Same draws as :func:`~moewidgets.geometry.asymmetry.layer_asymmetry` with ``generator=seed`` and rank
-    ``min(rank, D)``, so the numbers are the same (less the co-selected cosines).
+    It is :func:`~moewidgets.geometry.asymmetry.layer_asymmetry` (``generator=seed``, rank ``min(rank, D)``,
+    input subspaces, normalised geodesic distance) without the co-selected per-token cosines, timed.
 
     Args:
         experts: the layer's expert bank (``layer.experts``).
@@ -200,17 +199,12 @@ def probe_layer_asymmetry(experts, trace, *, rank: int = RANK, n_draws: int = 12
     Chapter 2 (book/chapter2.ipynb).
     """
     t0 = time.perf_counter()
+    r = min(rank, int(trace.x_TD.shape[1]))
     with torch.no_grad():
-        D = int(trace.x_TD.shape[1])
-        g = make_generator(seed)
-        w_NE = routing_weights(trace, weighting)
-        subspaces = trace_subspaces(trace, space="inputs", weighting=weighting, rank=min(rank, D))
-        alignment = bank_jacobian_alignment(experts, trace.x_TD, w_NE, generator=g)
-        comparison = compare_subspaces(subspaces, "geodesic", True, generator=g, n_draws=n_draws,
-                                       n_splits=n_splits)
-        summary = asymmetry_summary(alignment, comparison, generator=g)
-    return AsymmetryProbe(step=step, n_points=trace.n_tokens, rank=min(rank, D), subspaces=subspaces,
-                          comparison=comparison, alignment=alignment, summary=summary,
+        la = layer_asymmetry(experts, trace, weighting=weighting, rank=r, generator=seed, n_draws=n_draws,
+                             n_splits=n_splits, coselected=False)
+    return AsymmetryProbe(step=step, n_points=trace.n_tokens, rank=r, subspaces=la.subspaces,
+                          comparison=la.comparison, alignment=la.alignment, summary=la.summary,
                           wall_s=time.perf_counter() - t0)
 
 

@@ -636,7 +636,8 @@ class LayerAsymmetry:
 
         alignment:   cross-expert alignment of routing-weighted mean Jacobians, null and split-half ceiling
                      (:class:`~moewidgets.geometry.JacobianAlignment`).
-        coselected:  per-token cosines of co-selected experts (:class:`CoselectedCosine`; None when k = 1).
+        coselected:  per-token cosines of co-selected experts (:class:`CoselectedCosine`; None when k = 1 or
+                     when not asked for).
         subspaces:   the experts' routed subspaces (:class:`~moewidgets.geometry.RoutedSubspaces`).
         comparison:  between-expert distances with their references
                      (:class:`~moewidgets.geometry.SubspaceComparison`).
@@ -656,12 +657,13 @@ class LayerAsymmetry:
 def layer_asymmetry(experts, trace, *, weighting: str = "gates", space: str = "inputs", rank: int | None = None,
                     variance: float | None = None, min_tokens: int | None = None, metric: str = "geodesic",
                     generator: torch.Generator | int | None = None, n_draws: int = 20, n_splits: int = 10,
-                    min_points: int = 8) -> LayerAsymmetry:
+                    min_points: int = 8, coselected: bool = True) -> LayerAsymmetry:
     """Functional and representational geometry of one layer in one call (chapter 2's probe of a layer).
 
     Runs, with the same routing weights (``weighting``: "gates", "membership" or "argmax",
     :func:`~moewidgets.geometry.routing_weights`) and one generator (None = seed 0) for every random draw:
-    :func:`~moewidgets.geometry.bank_jacobian_alignment`, :func:`coselected_jacobian_cosine` (when k ≥ 2),
+    :func:`~moewidgets.geometry.bank_jacobian_alignment`, :func:`coselected_jacobian_cosine` (when k ≥ 2 and
+    ``coselected``; the live dashboards skip it: it costs more than the rest),
     :func:`~moewidgets.geometry.trace_subspaces` (``space``, ``rank`` or ``variance``, ``min_tokens``),
     :func:`~moewidgets.geometry.compare_subspaces` (``metric``, normalised) and :func:`asymmetry_summary`.
 
@@ -679,8 +681,8 @@ def layer_asymmetry(experts, trace, *, weighting: str = "gates", space: str = "i
     subspaces = trace_subspaces(trace, space=space, weighting=weighting, rank=rank, variance=variance,
                                 min_tokens=min_tokens)
     alignment = bank_jacobian_alignment(experts, trace.x_TD, w_NE, generator=g, min_points=min_points)
-    coselected = coselected_jacobian_cosine(experts, trace.x_TD, trace.idx_TK) if trace.k >= 2 else None
+    cosel = coselected_jacobian_cosine(experts, trace.x_TD, trace.idx_TK) if coselected and trace.k >= 2 else None
     comparison = compare_subspaces(subspaces, metric, True, generator=g, n_draws=n_draws, n_splits=n_splits)
-    return LayerAsymmetry(alignment=alignment, coselected=coselected, subspaces=subspaces, comparison=comparison,
+    return LayerAsymmetry(alignment=alignment, coselected=cosel, subspaces=subspaces, comparison=comparison,
                           summary=asymmetry_summary(alignment, comparison, generator=g), weighting=weighting,
                           space=space)

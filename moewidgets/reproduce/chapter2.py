@@ -10,7 +10,9 @@ Two settings (scaled to a CPU: ours):
   (E = 8, D = 32, m = 64, GELU experts, gate "softmax", no balancing) and its training recipe
   (``CHAPTER1_TRAIN`` of :mod:`moewidgets.reproduce.chapter1`), probed on 1,024 probe points after training and at
   initialisation (``init_*`` metrics; no claim uses them).
-* Transformer LM arms ``lm-top-2``, ``lm-soft``, ``lm-dense`` (parameter-matched dense FFN, hidden E·m):
+* Transformer LM arms ``lm-top-2``, ``lm-soft``, ``lm-dense`` (parameter-matched dense FFN, hidden E·m) and
+  ``lm-dense-active`` (active-compute-matched dense FFN, hidden k·m = 2m: SC-7's second comparator, which separates
+  the width of the FFN from the routing):
   :meth:`~moewidgets.lm.LMConfig.cpu` on WikiText-2 (the folder comes from ``$MOEWIDGETS_DATA``; a missing
   folder fails with the loader's error), device "cpu". Held-out perplexity on the first 20,000 targets of
   test.txt; every FFN layer probed (:func:`~moewidgets.lm.trace_lm`) on the first 1,024 test tokens (16
@@ -78,7 +80,8 @@ __all__ = ["CHAPTER2_ARMS", "CHAPTER2_PINNED_ARMS", "PINNED_METRICS_CH2", "LM_CO
            "chapter2_claims", "lm_convergence_table"]
 
 #: The arms by name. ``model`` is the setting ("mlp" or "lm"), ``k`` the top-k ("all" means fully soft, k = E),
-#: ``arch`` a dense baseline ("dense" is parameter-matched, hidden E·m, the comparator of SC-7).
+#: ``arch`` a dense baseline ("dense" is parameter-matched, hidden E·m; "dense_active" is active-compute-matched,
+#: hidden k·m with the preset's k = 2; both are SC-7's comparators).
 CHAPTER2_ARMS: dict[str, dict[str, Any]] = {
     "top-1": {"model": "mlp", "k": 1},
     "top-2": {"model": "mlp", "k": 2},
@@ -87,6 +90,7 @@ CHAPTER2_ARMS: dict[str, dict[str, Any]] = {
     "lm-top-2": {"model": "lm", "k": 2},
     "lm-soft": {"model": "lm", "k": "all"},
     "lm-dense": {"model": "lm", "arch": "dense"},
+    "lm-dense-active": {"model": "lm", "arch": "dense_active"},
 }
 LM_ARMS = tuple(a for a, spec in CHAPTER2_ARMS.items() if spec["model"] == "lm")
 #: The arms a notebook re-runs live (seconds each; an LM arm takes about a minute).
@@ -378,7 +382,7 @@ def chapter2_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool 
 
     >>> jobs = chapter2_jobs(seeds=2)
     >>> len(jobs), sorted({j.arm for j in jobs})[:4]
-    (28, ['lm-dense', 'lm-dense:2x', 'lm-soft', 'lm-soft:2x'])
+    (32, ['lm-dense', 'lm-dense-active', 'lm-dense-active:2x', 'lm-dense:2x'])
 
     Chapter 2 (book/chapter2.ipynb).
     """
@@ -541,12 +545,17 @@ def chapter2_claims(rows: list[dict]) -> list[ClaimResult]:
     for a in ("lm-top-2", "lm-soft"):
         for layer in layers:
             cmp("SC-7", f"layer {layer}: expert-FFN σ1 < dense FFN σ1", f"L{layer}_sigma1", a, "lm-dense", -1)
+    for a in ("lm-top-2", "lm-soft"):        # against a dense FFN only 2× an expert's width (not 8×)
+        for layer in layers:
+            cmp("SC-7", f"layer {layer}: expert-FFN σ1 < active-matched dense σ1", f"L{layer}_sigma1", a,
+                "lm-dense-active", -1)
     # SC-8: transformer top-2 experts less aligned than fully soft ones, in each layer and on average
     for layer in layers:
         cmp("SC-8", f"layer {layer}: mean|A_ij| top-2 < soft", f"L{layer}_align_mean_abs", "lm-top-2", "lm-soft", -1)
     cmp("SC-8", "mean over layers: mean|A_ij| top-2 < soft", "align_mean_abs", "lm-top-2", "lm-soft", -1)
     # the LM verdicts again after 2× the training (the LM is not loss-converged at the preset's steps)
-    top2, soft, dense = (f"{a}:{LM_CONVERGE_FACTOR}x" for a in ("lm-top-2", "lm-soft", "lm-dense"))
+    top2, soft, dense, active = (f"{a}:{LM_CONVERGE_FACTOR}x"
+                                 for a in ("lm-top-2", "lm-soft", "lm-dense", "lm-dense-active"))
     tag = f" [{LM_CONVERGE_FACTOR}× training]"
     const("GA-1", "mean over layers: mean|A_ij| ≤ 0.05" + tag, "align_mean_abs", top2, 0.05, -1)
     for a in (top2, soft):
@@ -557,5 +566,6 @@ def chapter2_claims(rows: list[dict]) -> list[ClaimResult]:
     cmp("GA-6", "LM d_geo (arg-max membership): top-2 > soft" + tag, "sub_geo_argmax", top2, soft, +1)
     for a in (top2, soft):
         cmp("SC-7", "mean over layers: expert-FFN σ1 < dense FFN σ1" + tag, "sigma1", a, dense, -1)
+        cmp("SC-7", "mean over layers: expert-FFN σ1 < active-matched dense σ1" + tag, "sigma1", a, active, -1)
     cmp("SC-8", "mean over layers: mean|A_ij| top-2 < soft" + tag, "align_mean_abs", top2, soft, -1)
     return out
