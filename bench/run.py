@@ -8,6 +8,7 @@ Benchmarks (``--only`` picks some; see each module's docstring):
     jacobians   expert Jacobians vs vmap(jacrev) and a per-token autograd loop   (bench/jacobians.py)
     scaling     our layer's time vs tokens, experts and width; power-law fits    (bench/scaling.py)
     multiseed   8 seeds trained at once vs one seed                              (bench/multiseed.py, if present)
+    lm          the transformer LM's training tokens/s vs MixtralForCausalLM     (bench/lm.py)
 
 Every comparison is taken side by side in one process, the candidates interleaved (alternating order) so machine
 drift hits all of them; numbers are medians over repeats with their min–max (``bench/common.py``).
@@ -38,7 +39,7 @@ from . import common
 from .common import fmt_ratio, fmt_s, fmt_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHES = ("retrain", "probes", "layer", "jacobians", "scaling", "multiseed")
+BENCHES = ("retrain", "probes", "layer", "jacobians", "scaling", "multiseed", "lm")
 GPU_NOTE = "GPU: not measured in this session."
 
 # (repeats, min_block_s, jacobian loop points): full run vs --quick smoke test
@@ -66,7 +67,7 @@ def run_multiseed(repeats: int, threads: int, log=print) -> dict:
 
 def run_suite(only: tuple[str, ...], quick: bool, device: str, threads: int, log=print) -> dict:
     """Run the selected benchmarks at the current thread count; ``{name: result dict}``."""
-    from . import chapter1, jacobians, layer, scaling
+    from . import chapter1, jacobians, layer, lm, scaling
     p = QUICK if quick else FULL
     calls = {
         "retrain": lambda: chapter1.bench_retrain(p["repeats"], device, log),
@@ -76,6 +77,7 @@ def run_suite(only: tuple[str, ...], quick: bool, device: str, threads: int, log
                                                        p["loop_points"], device, log=log),
         "scaling": lambda: scaling.bench_scaling(p["repeats"], p["min_block_s"], device, log=log),
         "multiseed": lambda: run_multiseed(1 if quick else p["repeats"], threads, log),
+        "lm": lambda: lm.bench_lm(p["repeats"], max(p["min_block_s"], 0.05) * (1 if quick else 10), device, log),
     }
     results = {}
     for name in only:
@@ -185,6 +187,15 @@ def report(results: dict) -> str:
             if key != "targets" and isinstance(val, list) and val and isinstance(val[0], dict):
                 cols = list(val[0])
                 lines += ["", f"{key}:", ""] + _table(cols, [[r.get(c, "") for c in cols] for r in val])
+    lmb = benches.get("lm")
+    if lmb and "skipped" not in lmb:
+        lines += ["", "## The transformer LM vs MixtralForCausalLM (bench/lm.py)", "", lmb["what"] + ".", ""]
+        lines += _table(["model", "parameters", "step time: median (min–max)", "tokens/s"],
+                        [["ours (moewidgets.lm)", f"{lmb['parameters_ours']:,}", fmt_stats(lmb["ours"]),
+                          f"{lmb['tokens_per_s_ours']:,.0f}"],
+                         ["MixtralForCausalLM", f"{lmb['parameters_transformers']:,}",
+                          fmt_stats(lmb["transformers"]), f"{lmb['tokens_per_s_transformers']:,.0f}"]])
+        lines += ["", f"Ours / transformers tokens per second: {fmt_ratio(lmb['speedup'])}."]
     lines += ["", "## Runs", "", "When each benchmark ran (`--only` keeps earlier rows), its wall time, and the "
               "1-minute load average after it (other processes inflate times).", ""]
     lines += _table(["bench", "date", "wall time", "load average after"],

@@ -100,3 +100,26 @@ def test_tiny_suite_renders_report_page_and_offline_figure(tmp_path):
     assert "BEGIN bokeh.min.js" in body and "cdn.bokeh.org" not in body          # BokehJS inline: renders offline
     text = md.read_text()
     assert '<iframe src="fig.html"' in text and "GPU: not measured" in text and "| what | target |" in text
+
+
+def test_lm_benchmark_compares_models_of_the_same_size_and_both_train():
+    pytest.importorskip("transformers")
+    from bench import lm
+    cfg = lm.lm_config("cpu").replace(n_layers=1, vocab_size=64, batch_size=2, seq_len=8)
+    ours, theirs = lm.build_lm(cfg, 64), lm.mixtral_like(cfg, 64)
+    hf = theirs.config
+    assert (hf.num_hidden_layers, hf.hidden_size, hf.intermediate_size, hf.num_local_experts, hf.num_experts_per_tok,
+            hf.tie_word_embeddings) == (1, 64, 128, 8, 2, False)
+    assert cfg.moe.expert == "swiglu" and cfg.moe.gate == "renorm" and cfg.pos == "rope" and not cfg.tie_embeddings
+    # the same architecture up to small extras (our biases, norms' shapes): parameter counts within 1 %
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    assert abs(n_ours - n_theirs) / n_theirs < 0.01, (n_ours, n_theirs)
+    ids = torch.randint(64, (2, 9), generator=torch.Generator().manual_seed(0))
+    for model, logits_of in ((ours, lambda x: ours(x).logits_BSV), (theirs, lambda x: theirs(input_ids=x).logits)):
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = lm._train_step(model, logits_of, ids[:, :-1], ids[:, 1:])()
+        assert math.isfinite(float(loss)) and any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    res = lm.bench_lm(1, 0.0, cfg=cfg, log=lambda *a: None)          # the suite's entry, at the tiny size
+    assert res["targets"][0]["bench"] == "lm" and res["speedup"]["n"] == 1 and res["tokens_per_s_ours"] > 0
+    text = bench_run.report({"environment": common.environment("cpu"), "quick": True, "benches": {"lm": res}})
+    assert "## The transformer LM vs MixtralForCausalLM" in text and "MixtralForCausalLM" in text
