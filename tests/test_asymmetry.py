@@ -18,19 +18,7 @@ from moewidgets.geometry.asymmetry import (AsymmetrySummary, asymmetry_summary, 
 from moewidgets.geometry.subspaces import compare_subspaces, routed_subspaces
 from moewidgets.nn.experts import make_experts
 
-F64 = torch.float64
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed=0, scale=1.0):
-    return scale * torch.randn(*shape, generator=gen(seed), dtype=F64)
-
-
-def bank64(kind, E, D, F, seed=0):
-    return make_experts(kind, E, D, F, gen(seed), F64)
+from geometry_helpers import F64, bank64, gen, randn  # tests/geometry_helpers.py
 
 
 def topk_routing(N, E, K, seed):

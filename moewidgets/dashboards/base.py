@@ -16,12 +16,15 @@ import time
 from typing import Any, Callable, ClassVar
 
 import ipywidgets as W
+import torch
 from jupyter_bokeh.widgets import BokehModel
 
+from .. import views as V
+from ..balance import max_violation
 from ..config import RunConfig
 from .runner import LiveRunner, RunState, describe_run
 
-__all__ = ["DashboardBase", "bokehjs_loader", "AUX_WEIGHTS"]
+__all__ = ["DashboardBase", "bokehjs_loader", "AUX_WEIGHTS", "extend_maxvio", "draw_maxvio_and_loss"]
 
 AUX_WEIGHTS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # the load-balancing slider: log steps, and 0 (off)
 
@@ -52,6 +55,27 @@ def bokehjs_loader() -> W.Output:
         data = {LOAD_MIME_TYPE: js, "application/javascript": js}    # jupyter_bokeh's renderer, else plain JS
         _BOKEHJS.outputs = ({"output_type": "display_data", "metadata": {}, "data": data},)
     return _BOKEHJS
+
+
+def extend_maxvio(track, trainer, reference) -> None:
+    """Append the batch MaxVio (max load / mean load − 1; 0 for a step without loads) of every step not yet
+    recorded: the run's to ``track.maxvio``, its reference's (if any) to ``track.ref_maxvio``. Chapters 3 and 4."""
+    runs = [(trainer, track.maxvio)] + ([(reference, track.ref_maxvio)] if reference is not None else [])
+    for tr, out in runs:
+        out.extend(max_violation(torch.tensor(ld)) if ld else 0.0 for ld in tr.history.load[len(out):])
+
+
+def draw_maxvio_and_loss(views, track, trainer, reference) -> None:
+    """Redraw ``views.maxvio`` (from ``track``, see :func:`extend_maxvio`) and ``views.loss`` over steps: the run
+    solid and, when there is one, its reference dashed. Chapters 3 and 4."""
+    h = trainer.history
+    if reference is None:
+        V.update_series(views.maxvio, h.step, [track.maxvio])
+        V.update_series(views.loss, h.step, [h.loss])
+        return
+    rh = reference.history
+    V.update_series(views.maxvio, h.step, [track.maxvio], rh.step, track.ref_maxvio)
+    V.update_series(views.loss, h.step, [h.loss], rh.step, rh.loss)
 
 
 class DashboardBase:

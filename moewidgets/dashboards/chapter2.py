@@ -53,8 +53,8 @@ from .base import DashboardBase
 from .runner import RunState, describe_run
 
 __all__ = ["Chapter2Dashboard", "Chapter2Views", "AsymmetryTrack", "AsymmetryProbe", "PairPoints",
-           "probe_asymmetry", "probe_layer_asymmetry", "draw_asymmetry", "describe_probe", "DEFAULT_RUN",
-           "N_PROBE", "RANK"]
+           "probe_asymmetry", "probe_layer_asymmetry", "draw_asymmetry", "describe_probe", "both_sides",
+           "DEFAULT_RUN", "N_PROBE", "RANK"]
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,17 @@ def describe_probe(p: AsymmetryProbe, points: str = "probe points") -> str:
     return text
 
 
+def both_sides(p: AsymmetryProbe) -> str:
+    """The status summary's two sides with their references, 2 significant digits, e.g.
+    ``d̂_geo 0.78 (random-group null 0.25, split-half floor 0.7, isotropic 0.81) · mean |cos_F| 0.055 (null 0.026,
+    ceiling 0.99)``. Chapter 2 (book/chapter2.ipynb)."""
+    c, a = p.comparison, p.alignment
+    f2 = lambda x: _fmt(x, ".2g")   # noqa: E731
+    return (f"d̂_geo {f2(c.between_mean)} (random-group null {f2(c.group_null_mean)}, split-half floor "
+            f"{f2(c.floor_mean)}, isotropic {f2(c.iso_mean)}) · mean |cos_F| {f2(a.mean_abs_offdiag)} "
+            f"(null {f2(a.null_level)}, ceiling {f2(a.ceiling)})")
+
+
 class Chapter2Dashboard(DashboardBase):
     """Retrain an MLP-MoE live and redraw paper 2's functional and representational geometry (module docstring).
 
@@ -446,11 +457,7 @@ class Chapter2Dashboard(DashboardBase):
         p = self.probe
         if p is None:
             return ""
-        c, a = p.comparison, p.alignment
-        f2 = lambda x: _fmt(x, ".2g")   # noqa: E731
-        text = (f" · d̂_geo {f2(c.between_mean)} (random-group null {f2(c.group_null_mean)}, split-half floor "
-                f"{f2(c.floor_mean)}, isotropic {f2(c.iso_mean)}) · mean |cos_F| {f2(a.mean_abs_offdiag)} "
-                f"(null {f2(a.null_level)}, ceiling {f2(a.ceiling)})")
+        text = " · " + both_sides(p)
         if p.skipped:
             text += f" · {len(p.skipped)} expert{'s' if len(p.skipped) > 1 else ''} without a subspace"
         return text

@@ -57,7 +57,7 @@ from .. import views as V
 from ..lm import LMConfig, LMEval, LMTrainer, trace_lm
 from ..wikitext import ENV_VAR, WikiText, load_wikitext
 from .base import DashboardBase
-from .chapter2 import RANK, AsymmetryProbe, Chapter2Views, _fmt, describe_probe, draw_asymmetry, \
+from .chapter2 import RANK, AsymmetryProbe, Chapter2Views, both_sides, describe_probe, draw_asymmetry, \
     probe_layer_asymmetry
 from .runner import LiveRunner, RunState
 
@@ -576,12 +576,7 @@ class Chapter2LMDashboard(DashboardBase):
         if p is None:
             return ""
         text = f" · held-out ppl {_rounded(p.held_out.ppl)}" if p.held_out is not None else ""
-        a = self.probe
-        c, al = a.comparison, a.alignment
-        f2 = lambda x: _fmt(x, ".2g")   # noqa: E731
-        return (text + f" · layer {self.layer}: d̂_geo {f2(c.between_mean)} (random-group null "
-                f"{f2(c.group_null_mean)}, split-half floor {f2(c.floor_mean)}, isotropic {f2(c.iso_mean)}) · "
-                f"mean |cos_F| {f2(al.mean_abs_offdiag)} (null {f2(al.null_level)}, ceiling {f2(al.ceiling)})")
+        return text + f" · layer {self.layer}: " + both_sides(self.probe)
 
     # -- display -------------------------------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -25,10 +25,10 @@ import torch
 from bokeh.layouts import column, gridplot
 
 from .. import views as V
-from ..balance import expert_counts, load_stats, max_violation
+from ..balance import expert_counts, load_stats
 from ..config import MoEConfig, RunConfig, TaskConfig
 from ..geometry.coupling import CentroidMatching, RowSimilarity, centroid_matching, router_row_similarity
-from .base import DashboardBase
+from .base import DashboardBase, draw_maxvio_and_loss, extend_maxvio
 from .runner import RunState
 
 __all__ = ["Chapter3Dashboard", "Chapter3Views", "CouplingTrack", "no_balancing", "describe_balancing_run",
@@ -172,9 +172,7 @@ class Chapter3Dashboard(DashboardBase):
         if self.track is None or self.track.generation != st.generation:
             self.track = CouplingTrack(st.generation)
         t = self.track
-        t.maxvio.extend(max_violation(torch.tensor(ld)) for ld in tr.history.load[len(t.maxvio):])
-        if ref is not None:
-            t.ref_maxvio.extend(max_violation(torch.tensor(ld)) for ld in ref.history.load[len(t.ref_maxvio):])
+        extend_maxvio(t, tr, ref)
         if not self._redraw_due(st, final=tr.done and (ref is None or ref.done)):
             return
         self._redrawn()
@@ -203,14 +201,7 @@ class Chapter3Dashboard(DashboardBase):
                              title=f"Router row vs routed centroid: matched {cm.matched:.2f}, others "
                                    f"{cm.unmatched:.2f}")
         V.update_bars(v.load, loads.fractions, 1.0 / layer.n_experts)
-        h = tr.history
-        if ref is not None:
-            rh = ref.history
-            V.update_series(v.maxvio, h.step, [t.maxvio], rh.step, t.ref_maxvio)
-            V.update_series(v.loss, h.step, [h.loss], rh.step, rh.loss)
-        else:
-            V.update_series(v.maxvio, h.step, [t.maxvio])
-            V.update_series(v.loss, h.step, [h.loss])
+        draw_maxvio_and_loss(v, t, tr, ref)
         dead = f" · dead experts {loads.dead}" if loads.dead else " · no dead expert"
         ref_text = "dashed = the same run with no balancing" if ref is not None else "no balancing on"
         v.caption.text = (f"{html.escape(describe_balancing_run(st.run))} at step {tr.steps_done}/{tr.cfg.steps} · "

@@ -25,15 +25,13 @@ from dataclasses import dataclass, field
 
 import ipywidgets as W
 import numpy as np
-import torch
 from bokeh.layouts import column, gridplot
 
 from .. import views as V
-from ..balance import max_violation
 from ..config import MoEConfig, RunConfig
 from ..geometry.mpi import RowAlignment, row_alignment
 from ..nn.routers import input_side_weights
-from .base import DashboardBase
+from .base import DashboardBase, draw_maxvio_and_loss, extend_maxvio
 from .runner import RunState
 
 __all__ = ["Chapter4Dashboard", "Chapter4Views", "AlignmentTrack", "plain_router", "describe_mpi_run",
@@ -201,9 +199,7 @@ class Chapter4Dashboard(DashboardBase):
             if not t.ref_step or ref.steps_done > t.ref_step[-1]:
                 t.ref_step.append(ref.steps_done)
                 t.ref_angle.append(float(t.ref_now.angle_deg.mean()))
-        t.maxvio.extend(max_violation(torch.tensor(ld)) if ld else 0.0 for ld in tr.history.load[len(t.maxvio):])
-        if ref is not None:
-            t.ref_maxvio.extend(max_violation(torch.tensor(ld)) for ld in ref.history.load[len(t.ref_maxvio):])
+        extend_maxvio(t, tr, ref)
         if not self._redraw_due(st, final=tr.done and (ref is None or ref.done)):
             return
         self._redrawn()
@@ -216,14 +212,7 @@ class Chapter4Dashboard(DashboardBase):
         V.update_bars(v.angle_now, t.now.angle_deg, float(r.angle_deg.mean()))
         V.update_bars(v.lam, t.now.lam, float(r.lam.mean()))
         V.update_bars(v.gap, t.now.gap, float(r.gap.mean()))
-        h = tr.history
-        if ref is not None:
-            rh = ref.history
-            V.update_series(v.maxvio, h.step, [t.maxvio], rh.step, t.ref_maxvio)
-            V.update_series(v.loss, h.step, [h.loss], rh.step, rh.loss)
-        else:
-            V.update_series(v.maxvio, h.step, [t.maxvio])
-            V.update_series(v.loss, h.step, [h.loss])
+        draw_maxvio_and_loss(v, t, tr, ref)
         m = st.run.model
         ref_text = ("dashed = the same model with the plain softmax router" if ref is not None else
                     "the plain router is its own reference")

@@ -16,32 +16,20 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import CHROMIUM, LAUNCH_ARGS, OUT, ROOT, free_port, repo_env, wait_until_answers
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-OUT = ROOT / "build" / "browser"
 NOTEBOOK = os.environ.get("MOEWIDGETS_BROWSER_NOTEBOOK", "book/chapter1.ipynb")
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STATUS = ".jp-OutputArea-output .moewidgets-status"
 RUN_TIMEOUT_MS = 180_000     # a whole run on a loaded 2-core machine (≈ 1–3 s when idle)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hide_news_toast() -> None:
@@ -60,23 +48,11 @@ def start_lab(port: int, token: str, log_path: Path) -> subprocess.Popen:
            "--ServerApp.port_retries=0"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=ROOT, env=repo_env(), stdout=log_path.open("w"), stderr=subprocess.STDOUT)
 
 
 def wait_for_lab(proc: subprocess.Popen, port: int, token: str, timeout_s: float = 90) -> None:
-    url = f"http://127.0.0.1:{port}/api/status?token={token}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"JupyterLab exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"JupyterLab did not answer on port {port} within {timeout_s} s")
+    wait_until_answers(proc, f"http://127.0.0.1:{port}/api/status?token={token}", "JupyterLab", timeout_s)
 
 
 # Installed in the page before the keypress: the time of the keydown and of the first status-line text that

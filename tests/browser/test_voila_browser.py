@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,24 +32,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import CHROMIUM, LAUNCH_ARGS, OUT, ROOT, free_port, repo_env, wait_until_answers
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-OUT = ROOT / "build" / "browser"
 APP = ROOT / "app"
 FIGURES = ROOT / "book" / "_extra" / "figures"
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STATUS = ".moewidgets-status"
 RUN_TIMEOUT_MS = 240_000     # kernel start + imports + a whole run, two visitors at once on a loaded 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CULL_IDLE_S = 20      # `make app` culls after 600 s; short here so that the test sees a left page's kernel go
@@ -62,25 +51,13 @@ def start_voila(port: int, token: str, log_path: Path) -> subprocess.Popen:
     cmd = [str(Path(sys.prefix) / "bin" / "voila"), str(APP), "--no-browser", "--Voila.ip=127.0.0.1",
            f"--port={port}", "--Voila.port_retries=0", f"--Voila.token={token}", "--template=offline",
            f"--MappingKernelManager.cull_idle_timeout={CULL_IDLE_S}", "--MappingKernelManager.cull_interval=5"]
-    env = {**os.environ, "JUPYTER_PATH": os.pathsep.join(filter(None, [str(APP / ".jupyter-path"),
-                                                                          os.environ.get("JUPYTER_PATH")])),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = repo_env(JUPYTER_PATH=os.pathsep.join(filter(None, [str(APP / ".jupyter-path"),
+                                                              os.environ.get("JUPYTER_PATH")])))
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
 
 
 def wait_for_voila(proc: subprocess.Popen, port: int, token: str, timeout_s: float = 120) -> None:
-    url = f"http://127.0.0.1:{port}/?token={token}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Voila exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (OSError, urllib.error.HTTPError):
-            time.sleep(0.5)
-    raise TimeoutError(f"Voila did not answer on port {port} within {timeout_s} s")
+    wait_until_answers(proc, f"http://127.0.0.1:{port}/?token={token}", "Voila", timeout_s)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

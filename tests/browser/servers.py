@@ -1,0 +1,44 @@
+"""What both browser tests share: where things are, how Chromium is launched, and starting a server on a free port
+and waiting until it answers (JupyterLab in test_chapter1_browser.py, Voila in test_voila_browser.py)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+OUT = ROOT / "build" / "browser"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """The environment with the repository first on PYTHONPATH (the kernels import this checkout's package)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            **extra}
+
+
+def wait_until_answers(proc: subprocess.Popen, url: str, name: str, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200; fail at once if the server ``proc`` exits, or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (OSError, urllib.error.HTTPError):
+            time.sleep(0.3)
+    raise TimeoutError(f"{name} did not answer at {url.split('?')[0]} within {timeout_s} s")
