@@ -3,8 +3,10 @@
 Shape legend: S seeds, B batch tokens, N training points, D model width, F expert hidden width, E experts,
 K top-k, O output width, G = S·E (seed, expert) groups, P = S·B·K (token, slot) pairs, C tokens per group (padded).
 
-Claim runs train every arm over several seeds. At widget sizes one step of one seed costs its ≈ 110 torch ops
-(≈ 4 µs each) more than its arithmetic, so the S seeds share one set of ops: every parameter of the S models
+Claim runs train every arm over several seeds, and they do it here: :mod:`moewidgets.reproduce` trains each MLP
+arm's seeds as one seed group on this trainer (a :class:`~moewidgets.sweep.Job` with ``seeds``). At widget sizes
+one step of one seed costs its ≈ 110 torch ops (≈ 4 µs each) more than its arithmetic, so the S seeds share one
+set of ops: every parameter of the S models
 gets a leading seed axis (``w_in_SEFD`` …) and the forward is the layer's maths with that one more batch axis:
 
 * softmax router ``z_s = W_r[s] x + b_r[s]`` (one ``baddbmm``); MPI router rows ``R'_s`` from

@@ -77,12 +77,28 @@ __all__ = ["Job", "JobError", "run_jobs", "job_key", "count_cached", "write_json
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of work: ``fn(payload, seed) -> dict of metrics``; ``arm`` labels it in the results."""
+    """One unit of work: ``fn(payload, seed) -> dict of metrics``; ``arm`` labels it in the results.
+
+    A **seed group** (``seeds`` given) trains several seeds of one arm in one call, as
+    :class:`~moewidgets.multiseed.MultiSeedTrainer` does: ``fn(payload, list(seeds)) -> list of metric dicts``, one
+    per seed in order, and the job gives one result row per seed (``seed`` is then unused). A seed's metrics may
+    carry ``"_config"``: its row's config (default: the payload), e.g. the payload with that seed filled in.
+
+    >>> rows = run_jobs([Job("doc", "moewidgets.sweep:_square_seeds", {"x": 3}, seeds=(0, 1))], progress=False)
+    >>> [(r["seed"], r["metrics"]["y"], r["group"]["seeds"]) for r in rows]
+    [(0, 9, [0, 1]), (1, 10, [0, 1])]
+    """
 
     arm: str
     fn: str                      # "package.module:function"
     payload: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    seeds: tuple[int, ...] = ()  # a seed group: fn(payload, [seeds]) -> one metrics dict per seed
+
+    @property
+    def n_rows(self) -> int:
+        """How many result rows this job gives (one per seed of a group, else one)."""
+        return len(self.seeds) or 1
 
 
 class JobError(RuntimeError):
@@ -96,8 +112,10 @@ def _version() -> str:
 
 def job_key(job: Job) -> str:
     """Cache key: sha1 of (function, payload, seed, package version), 16 hex digits."""
-    blob = json.dumps({"fn": job.fn, "payload": job.payload, "seed": job.seed, "version": _version()},
-                      sort_keys=True)
+    key = {"fn": job.fn, "payload": job.payload, "seed": job.seed, "version": _version()}
+    if job.seeds:                       # only then: single-seed jobs keep their keys (and caches)
+        key["seeds"] = list(job.seeds)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -114,23 +132,33 @@ def _resolve(fn: str) -> Callable[[dict, int], dict]:
     return target
 
 
-def _execute(job: Job, threads: int | None) -> dict[str, Any]:
-    """Run one job in this process (a worker): returns the result row. ``threads``: torch threads for the job,
-    restored afterwards (``None``: leave them alone)."""
+def _execute(job: Job, threads: int | None) -> list[dict[str, Any]]:
+    """Run one job in this process (a worker): returns its result rows (one, or one per seed of a group).
+    ``threads``: torch threads for the job, restored afterwards (``None``: leave them alone)."""
     import torch
     from .train import torch_threads
     with torch_threads(threads):
         t0 = time.perf_counter()
-        metrics = _resolve(job.fn)(dict(job.payload), job.seed)
+        if job.seeds:
+            per_seed = _resolve(job.fn)(dict(job.payload), list(job.seeds))
+            if not isinstance(per_seed, list) or len(per_seed) != len(job.seeds):
+                raise ValueError(f"Job.fn={job.fn!r} of a seed group must return a list of {len(job.seeds)} metric "
+                                 f"dicts (one per seed), got {type(per_seed).__name__}")
+        else:
+            per_seed = [_resolve(job.fn)(dict(job.payload), job.seed)]
         wall_s = time.perf_counter() - t0
         n_threads = torch.get_num_threads()
-    device = metrics.pop("_device", "cpu")
-    return {
-        "arm": job.arm, "seed": job.seed, "config": job.payload, "metrics": metrics,
-        "wall_s": round(wall_s, 3), "device": device, "threads": n_threads,
-        "version": _version(), "torch": torch.__version__, "python": platform.python_version(),
-        "key": job_key(job),
-    }
+    rows = []
+    for seed, metrics in zip(job.seeds or (job.seed,), per_seed):
+        row = {"arm": job.arm, "seed": seed, "config": metrics.pop("_config", job.payload), "metrics": metrics,
+               # a group's wall time is shared: each seed's row carries its share, the group the whole
+               "wall_s": round(wall_s / job.n_rows, 3), "device": metrics.pop("_device", "cpu"),
+               "threads": n_threads, "version": _version(), "torch": torch.__version__,
+               "python": platform.python_version(), "key": job_key(job)}
+        if job.seeds:
+            row["group"] = {"seeds": list(job.seeds), "wall_s": round(wall_s, 3)}
+        rows.append(row)
+    return rows
 
 
 def count_cached(jobs: Iterable[Job], cache_dir: str | Path | None) -> int:
@@ -161,34 +189,37 @@ def _run_jobs(jobs: list[Job], executor: Executor | None, cache_dir: str | Path 
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
     keys = [job_key(job) for job in jobs]
-    rows: dict[int, dict] = {}
+    rows: dict[int, list[dict]] = {}      # job index -> its rows (a cache file holds a row, or a group's list)
     todo: list[int] = []
     for i, key in enumerate(keys):
         path = cache / f"{key}.json" if cache is not None else None
         if path is not None and path.exists():
-            rows[i] = json.loads(path.read_text())
+            cached = json.loads(path.read_text())
+            rows[i] = cached if isinstance(cached, list) else [cached]
         else:
             todo.append(i)
     hits = len(jobs) - len(todo)
 
     bar = None
-    if progress:
+    if progress:                      # counted in runs (arm, seed): a seed group of 5 advances it by 5
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(jobs), initial=hits, desc=desc, unit="run")
+        bar = tqdm(total=sum(j.n_rows for j in jobs), initial=sum(jobs[i].n_rows for i in rows), desc=desc,
+                   unit="run")
 
-    def finish(i: int, row: dict) -> None:
-        row["key"] = keys[i]          # the caller's key: a worker with another version still lands in this cache
-        if row.get("version") != _version():
-            warnings.warn(f"job arm={jobs[i].arm!r} seed={jobs[i].seed} ran on moewidgets {row.get('version')}, "
-                          f"this process has {_version()}: install the same version on every worker",
-                          RuntimeWarning, stacklevel=3)
-        rows[i] = row
+    def finish(i: int, job_rows: list[dict]) -> None:
+        for row in job_rows:
+            row["key"] = keys[i]      # the caller's key: a worker with another version still lands in this cache
+        if job_rows[0].get("version") != _version():
+            warnings.warn(f"job arm={jobs[i].arm!r} seed={jobs[i].seed} ran on moewidgets "
+                          f"{job_rows[0].get('version')}, this process has {_version()}: install the same version "
+                          "on every worker", RuntimeWarning, stacklevel=3)
+        rows[i] = job_rows
         if cache is not None:
             tmp = cache / f"{keys[i]}.json.tmp"
-            tmp.write_text(json.dumps(row))
+            tmp.write_text(json.dumps(job_rows if jobs[i].seeds else job_rows[0]))
             tmp.replace(cache / f"{keys[i]}.json")     # atomic: a killed run never leaves half a file
         if bar is not None:
-            bar.update(1)
+            bar.update(len(job_rows))
 
     def failure(i: int, exc: BaseException, n_failed: int) -> JobError:
         job = jobs[i]
@@ -226,12 +257,13 @@ def _run_jobs(jobs: list[Job], executor: Executor | None, cache_dir: str | Path 
     finally:
         if bar is not None:
             bar.close()
-    return [rows[i] for i in range(len(jobs))], hits
+    return [row for i in range(len(jobs)) for row in rows[i]], hits
 
 
 def run_jobs(jobs: Iterable[Job], executor: Executor | None = None, cache_dir: str | Path | None = None,
              progress: bool = True, threads: int | None = None, desc: str = "jobs") -> list[dict[str, Any]]:
-    """Run ``jobs`` (serially when ``executor`` is None) and return their result rows, in job order.
+    """Run ``jobs`` (serially when ``executor`` is None) and return their result rows, in job order (a seed
+    group's rows in its seeds' order).
 
     ``executor``: any ``concurrent.futures.Executor``: :func:`process_executor`, a thread pool, or a Dask
     cluster's ``distributed.Client(...).get_executor()``; every job's function must be importable there.
@@ -594,6 +626,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"no results at {path}: run `python -m moewidgets reproduce <chapter>` to make them")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _square_seeds(payload: dict, seeds: list[int]) -> list[dict]:   # the doctest's seed group
+    return [{"y": payload["x"] ** 2 + s} for s in seeds]
 
 
 def _square(payload: dict, seed: int) -> dict:   # the doctest's job

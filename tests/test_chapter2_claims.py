@@ -175,9 +175,14 @@ def test_jobs_cover_every_arm_and_seed_with_convergence_runs():
     arms = {j.arm for j in jobs}
     assert arms == set(c2.CHAPTER2_ARMS) | {f"{a}:4x" for a in ("top-1", "top-2", "top-4", "soft")} \
         | {f"{a}:2x" for a in ("lm-top-2", "lm-soft", "lm-dense", "lm-dense-active")}
-    assert len(jobs) == 2 * 2 * len(c2.CHAPTER2_ARMS)
-    assert _resolve(jobs[0].fn) is c2.chapter2_job
-    by = {(j.arm, j.seed): j.payload for j in jobs}
+    assert sum(j.n_rows for j in jobs) == 2 * 2 * len(c2.CHAPTER2_ARMS)
+    mlp = [j for j in jobs if j.payload["model"] == "mlp"]
+    lm = [j for j in jobs if j.payload["model"] == "lm"]
+    # an MLP arm's seeds train at once (one seed group); an LM arm runs one job per seed
+    assert len(mlp) == 2 * 4 and all(j.seeds == (0, 1) for j in mlp)
+    assert all(_resolve(j.fn) is c2.chapter2_seeds_job for j in mlp)
+    assert len(lm) == 2 * 2 * 4 and all(not j.seeds and _resolve(j.fn) is c2.chapter2_job for j in lm)
+    by = {(j.arm, s): j.payload for j in jobs for s in (j.seeds or (j.seed,))}
     assert by[("top-2", 1)]["run"]["train"]["steps"] == 2000 and by[("top-2:4x", 1)]["run"]["train"]["steps"] == 8000
     assert by[("top-2:4x", 1)]["converge_only"] and not by[("top-2", 1)]["converge_only"]
     assert by[("soft", 0)]["run"]["model"]["k"] == 8 and by[("lm-soft", 0)]["lm"]["moe"]["k"] == 8

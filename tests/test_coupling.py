@@ -88,8 +88,19 @@ def test_sgd_keeps_changes_in_routed_span_adam_does_not():
     x, y = _x(6, 16, seed=6, dtype=torch.float32), _x(6, 16, seed=7, dtype=torch.float32)
     sgd = sgd_span_residual(layer, x, y, steps=30, lr=0.05)
     assert sgd.max < 1e-5
+    # every expert that got a token moved (a NaN row would be skipped by max: it must not hide a diverged run)
+    got = sgd.n_tokens_E > 0
+    assert got.any() and not sgd.router_E[got].isnan().any() and not sgd.input_E[got].isnan().any()
     adam = sgd_span_residual(layer, x, y, steps=30, lr=0.01, optimizer="adamw")
     assert adam.max > 1e-3
+
+
+def test_sgd_span_residual_names_a_diverged_run():
+    """Large inputs with a large step blow up; the check says so instead of skipping the NaN rows."""
+    layer = _layer("swiglu", "renorm", E=4, D=16, F=8, dtype=torch.float64)
+    x, y = 20 * _x(6, 16, seed=6), _x(6, 16, seed=7)
+    with pytest.raises(ValueError, match=r"sgd run diverged .* with lr=0.5: use a smaller lr"):
+        sgd_span_residual(layer, x, y, steps=30, lr=0.5)
 
 
 def test_aux_loss_spreads_gradients_over_the_batch():

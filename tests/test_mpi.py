@@ -291,7 +291,8 @@ def test_docstring_examples_of_the_mpi_metrics():
 def test_chapter4_claim_run_definitions():
     from moewidgets import reproduce as rp
     jobs = rp.chapter4_jobs(5)
-    assert len(jobs) == 4 * 5 * 2 + 5
+    assert len(jobs) == 4 * 2 + 5 and sum(j.n_rows for j in jobs) == 4 * 5 * 2 + 5   # seed groups + timing jobs
+    assert all(j.seeds == tuple(range(5)) for j in jobs if j.arm != "timing")
     assert {j.arm for j in jobs} == {"softmax", "mpi", "mpi-10", "mpi-detach", "softmax:4x", "mpi:4x", "mpi-10:4x",
                                      "mpi-detach:4x", "timing"}
     run = rp.chapter4_run("mpi-10", 3, steps_factor=4)

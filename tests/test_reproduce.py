@@ -39,6 +39,31 @@ def test_cache_resumes_and_invalidates(tmp_path, monkeypatch):
     assert job_key(_jobs([1])[0]) != key
 
 
+def _group(x, seeds=(0, 1, 2), fn="moewidgets.sweep:_square_seeds"):
+    return Job("grp", fn, {"x": x}, seeds=seeds)
+
+
+def test_seed_group_gives_one_row_per_seed_and_caches_them_together(tmp_path, monkeypatch):
+    jobs = [_jobs([2])[0], _group(3)]
+    rows = run_jobs(jobs, cache_dir=tmp_path, progress=False)
+    assert [(r["arm"], r["seed"], r["metrics"]["y"]) for r in rows] == [("sq", 0, 4), ("grp", 0, 9), ("grp", 1, 10),
+                                                                           ("grp", 2, 11)]
+    assert rows[1]["group"] == {"seeds": [0, 1, 2], "wall_s": rows[1]["group"]["wall_s"]} and "group" not in rows[0]
+    assert len({r["key"] for r in rows[1:]}) == 1 and len(list(tmp_path.glob("*.json"))) == 2
+    import moewidgets.sweep as sw
+    calls = []
+    real = sw._execute
+    monkeypatch.setattr(sw, "_execute", lambda job, threads: calls.append(job.arm) or real(job, threads))
+    assert run_jobs(jobs + [_group(3, seeds=(0, 1))], cache_dir=tmp_path, progress=False)[:4] == rows
+    assert calls == ["grp"]                  # only the new group (other seeds: another key) ran
+    assert job_key(_group(3)) != job_key(_group(3, seeds=(0, 1))) != job_key(Job("grp", _group(3).fn, {"x": 3}))
+
+
+def test_seed_group_returning_the_wrong_number_of_rows_is_named():
+    with pytest.raises(Exception, match="must return a list of 3 metric dicts"):
+        run_jobs([_group(1, fn="moewidgets.sweep:_square")], progress=False)
+
+
 def test_jsonl_round_trip_and_missing_file(tmp_path):
     rows = [{"a": 1}, {"b": [1, 2]}]
     assert read_jsonl(write_jsonl(rows, tmp_path / "r.jsonl")) == rows
@@ -91,6 +116,8 @@ def test_committed_rows_cover_every_arm_and_seed():
         assert sorted(arms[arm]) == list(range(5)) and sorted(arms[arm + ":4x"]) == list(range(5))
     assert all(r["version"] and r["device"] and r["wall_s"] > 0 for r in rows)
     assert all(json.loads(json.dumps(r["config"]))["run"]["model"]["seed"] == r["seed"] for r in rows)
+    # every arm's seeds were trained at once (one seed group per arm), on the dispatch path the payload names
+    assert all(r["group"]["seeds"] == list(range(5)) and r["config"]["dispatch"] in ("dense", "gather") for r in rows)
     claims = rp.chapter1_claims(rows)
     assert {c.claim for c in claims} == {"SC-1", "SC-1b", "SC-2", "SC-3", "SC-4", "SC-5", "SC-6"}
 

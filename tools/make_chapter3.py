@@ -178,15 +178,15 @@ cells.append(md(r"""## The claims, over 5 seeds
 The table is rendered from `book/results/chapter3.jsonl`, written by
 
 ```bash
-python -m moewidgets reproduce chapter3   # 8 arms × 5 seeds, plus each run 4× longer; resumable
+python -m moewidgets reproduce chapter3   # 8 arms × 5 seeds, plus each run 4× longer; resumable (~7 min on 2 cores)
 ```
 
 **Pass rule** (as in chapter 1): the per-seed difference A − B has the predicted sign in ≥ 4 of 5 seeds **and** its
 95 % bootstrap CI excludes 0. B is a comparison arm, a fixed level for the exactness claims, `none@init` the values at
 initialisation (after one step for K-Means), and `none@×1.5` the comparison arm's value times 1.5 (a ratio claim).
 **Converged**: for every seed the probe MSE after 2,000 steps is within 0.5 % of Var(y) of a run 4× longer. RC-a and
-RC-b are measured on the trained `none` models (float64 copies for RC-a, 16 probe tokens; RC-b on 6 tokens, 30 steps, in float64 as well: in float32 the rounding of $w+\Delta$ dominates the relative
-residual of an expert that barely moves);
+RC-b are measured on the trained `none` models (float64 copies for RC-a, 16 probe tokens; RC-b on 6 tokens, 30 steps
+at lr = 0.01, in float64 as well, with Δ the sum of the updates applied);
 RC-e's score is the router logit, the activation the mean $|\mathrm{SiLU}(W_g x)|$ over 1,024 probe tokens, routed or
 not, with the permuted-expert null; RC-g compares each row with the mean of the probe tokens routed to it."""))
 

@@ -190,7 +190,7 @@ cells.append(md(r"""## The claims, over 5 seeds
 The table is rendered from `book/results/chapter4.jsonl`, written by
 
 ```bash
-python -m moewidgets reproduce chapter4 --executor serial   # 4 arms × 5 seeds, plus each run 4× longer; resumable
+python -m moewidgets reproduce chapter4 --executor serial   # 4 arms × 5 seeds, plus each run 4× longer; resumable (~4 min)
 ```
 
 **Pass rule** (as in chapter 1): the per-seed difference A − B has the predicted sign in ≥ 4 of 5 seeds **and**
@@ -264,7 +264,7 @@ verdicts describe trained models.
   the row moves toward the expert. Whether this happens in a 1B-parameter LM, where the paper reports λ ≈ 0.66, we
   cannot say from a 32-dimensional toy.
 * **Load balance and loss do not improve at this scale (MPI-e MaxVio, MPI-f).** With the same aux loss
-  (α = 0.01), MPI's global MaxVio is *higher* (0.20 vs 0.14, 1/5 seeds lower), its batch MaxVio is not different
+  (α = 0.01), MPI's global MaxVio is *higher* (0.20 vs 0.13, 1/5 seeds lower), its batch MaxVio is not different
   (0.29 vs 0.27), and the probe MSE ties (0.0021 vs 0.0021, 3/5 seeds lower). The paper's MaxVio and ~1 % loss gains
   are from 3B–11B models; equal row norms alone do not buy balance here.
 * **More power steps: no better, more costly (MPI-g).** Ten steps per forward make the rows exact singular vectors

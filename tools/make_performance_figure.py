@@ -238,6 +238,8 @@ def page(all_results: dict[str, dict], iframe_src: str | None) -> str:
                           _fmt_floor(p["ours"]), _fmt_floor(p["transformers"])] for p in lay["points"]])
         break                                                   # one thread count is enough here (the first)
 
+    lines += _claim_runs_section()
+
     lines += ["", "## How the numbers are taken", "",
               "- Each candidate is calibrated to a block of calls lasting at least a few tens of milliseconds; every "
               "repeat then runs one block of each candidate, alternating the order. Ratios are taken per repeat.",
@@ -249,6 +251,41 @@ def page(all_results: dict[str, dict], iframe_src: str | None) -> str:
               "- Regenerate: `make bench` (about 6 minutes on a quiet 2-core machine) rewrites `bench/results/` and "
               "this page; `python -m bench.run --quick` is a smoke test that writes to a temporary folder.", ""]
     return "\n".join(lines)
+
+
+# CPU seconds of the MLP arms' rows when every (arm, seed) was its own job on moewidgets.train.Trainer: summed
+# from the committed rows of commit 5935358 (the last commit before seed groups), same machine, 1 thread per job.
+PER_SEED_CPU_S = {"chapter1": 2441, "chapter2": 803, "chapter3": 2942, "chapter4": 681}
+
+
+def _claim_runs_section() -> list[str]:
+    """How long the committed claim runs took, from their rows (``book/results/*.jsonl``): seed groups vs the
+    per-seed jobs they replaced."""
+    results = ROOT / "book" / "results"
+    body = []
+    for path in sorted(results.glob("chapter*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        groups = {(r["arm"], r["key"]): r["group"]["wall_s"] for r in rows if "group" in r}
+        singles = [r for r in rows if "group" not in r]
+        grouped_rows = len(rows) - len(singles)
+        before = PER_SEED_CPU_S.get(path.stem)
+        group_s = sum(groups.values())
+        body.append([path.stem, len(rows), f"{grouped_rows} rows in {len(groups)} groups", f"{group_s:,.0f} s",
+                     f"{before:,} s" if before else "–",
+                     f"{before / group_s:.1f}×" if before and group_s else "–",
+                     f"{len(singles)} ({sum(r['wall_s'] for r in singles):,.0f} s)" if singles else "0"])
+    if not body:
+        return []
+    return ["", "## Claim runs: many seeds at the cost of few", "",
+            "Every MLP arm of a claims table trains its 5 seeds at once, one seed group per arm "
+            "(`moewidgets.multiseed.MultiSeedTrainer`, a seed axis on every weight; the tests check it against "
+            "separate runs), and the pinned subset re-runs seed 0 through the same code with one seed. CPU seconds "
+            "below are summed over jobs (each on 1 thread, two jobs at a time on the 2-core machine), from the "
+            "committed rows; \"per-seed jobs\" is the same arms' time when every (arm, seed) was its own "
+            "`Trainer` job (summed from the rows of commit 5935358). The transformer arms of chapter 2 have no seed "
+            "axis and still run one job per seed.", ""] + _table(
+        ["chapter", "rows", "MLP arms", "seed groups (CPU s)", "per-seed jobs (CPU s)", "faster", "other rows (CPU s)"],
+        body)
 
 
 def _fmt_floor(st: dict) -> str:

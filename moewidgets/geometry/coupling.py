@@ -130,7 +130,7 @@ def coupling_exactness(layer, x_TD: torch.Tensor, delta_TD: torch.Tensor | None 
     inputs = _input_side(bank)
     w_out_EDF = bank.w_out_EDF
     params = [rows_ED, *inputs.values(), w_out_EDF]
-    saved = [p.grad for p in params]
+    saved = {name: p.grad for name, p in layer.named_parameters()}      # every parameter's .grad, restored below
     was_training = layer.training
     layer.eval()                         # no K-Means / loss-free state changes; gradients still flow
     E = rows_ED.shape[0]
@@ -161,8 +161,8 @@ def coupling_exactness(layer, x_TD: torch.Tensor, delta_TD: torch.Tensor | None 
             input_cos.append(worst_E)
             output_cos.append(out_E)
     finally:
-        for p, g_old in zip(params, saved):
-            p.grad = g_old
+        for name, p in layer.named_parameters():
+            p.grad = saved[name]
         layer.train(was_training)
     return CouplingExactness(torch.stack(router_cos), torch.stack(router_norm), torch.stack(selected),
                              torch.stack(input_cos), torch.stack(output_cos))
@@ -221,8 +221,12 @@ def sgd_span_residual(layer, x_TD: torch.Tensor, target_TD: torch.Tensor, steps:
     ``optimizer="adamw"``) with ``L = ½ mean_t ‖y_t − target_t‖²`` plus the layer's aux loss, and measure how far
     Δr_i and every ΔW_in[i, n] leave span{tokens ever routed to i} (:func:`span_residual`).
 
-    With the "renorm" gate and no aux loss the residual is round-off (≲ 1e-6 in float32); with AdamW it is not
-    (Adam's per-coordinate scaling breaks the direction). ``layer`` itself is left untouched.
+    With the "renorm" gate and no aux loss the residual is round-off; with AdamW it is not (Adam's per-coordinate
+    scaling breaks the direction). ``layer`` itself is left untouched. For SGD, Δ is the sum of the updates
+    ``−lr·∇`` it applies (accumulated apart from the weights), not ``w_end − w_start``: the rounding of ``w + Δ``
+    would otherwise set a floor of ≈ ε‖w‖/‖Δ‖ on the relative residual of an expert that barely moves (1e-9 in
+    float64 on one of five trained chapter-3 models). For AdamW, Δ is ``w_end − w_start``.
+    A run whose loss turns non-finite raises (its NaN rows would read as "did not move").
 
     Chapter 3 (book/chapter3.ipynb).
     """
@@ -233,27 +237,38 @@ def sgd_span_residual(layer, x_TD: torch.Tensor, target_TD: torch.Tensor, steps:
     work = copy.deepcopy(layer).train()
     rows_ED = _learned_rows(work)
     inputs = _input_side(work.experts)
-    start = [rows_ED.detach().clone()] + [w.detach().clone() for w in inputs.values()]
+    watched = [rows_ED, *inputs.values()]                        # router rows, then the input-side matrices
+    start = [w.detach().clone() for w in watched]
+    applied = [torch.zeros_like(w) for w in watched]             # SGD: Σ −lr·∇, free of the rounding of w + Δ
     params = list(work.parameters())
     opt = (torch.optim.SGD(params, lr=lr) if optimizer == "sgd"
            else torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
     E = rows_ED.shape[0]
     routed_TE = torch.zeros(x_TD.shape[0], E, dtype=torch.bool)
-    for _ in range(steps):
+    for step in range(steps):
         out = work(x_TD)
         routed_TE |= torch.zeros_like(routed_TE).scatter(1, out.routing.idx_TK.cpu(), True)
         loss = 0.5 * (out.y_TD - target_TD).square().sum(-1).mean() + out.aux_loss
+        if not torch.isfinite(loss):
+            # a diverged run has NaN weights: its rows would read as "did not move" and be skipped by ``max``
+            raise ValueError(f"sgd_span_residual: the {optimizer} run diverged (loss {float(loss)} at step "
+                             f"{step + 1} of {steps}) with lr={lr}: use a smaller lr (the stable step scales as "
+                             f"1 / mean‖x‖², here {float(x_TD.square().sum(-1).mean()):.3g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if optimizer == "sgd":
+            for acc, w in zip(applied, watched):
+                if w.grad is not None:
+                    acc.add_(w.grad, alpha=-lr)
         opt.step()
+    delta = applied if optimizer == "sgd" else [w.detach() - w0 for w, w0 in zip(watched, start)]
     router_E = torch.full((E,), float("nan"), dtype=torch.float64)
     input_E = torch.full((E,), float("nan"), dtype=torch.float64)
     for i in range(E):
         tokens_MD = x_TD[routed_TE[:, i]]
-        router_E[i] = span_residual((rows_ED.detach() - start[0])[i:i + 1], tokens_MD)[0]
-        # the whole input side of expert i as one matrix (Frobenius), as the spec states it: single rows that
-        # barely moved would show float32 rounding of w as a large *relative* residual
-        dW_ND = torch.cat([(w.detach() - w0)[i] for w, w0 in zip(inputs.values(), start[1:])])   # (m·F, D)
+        router_E[i] = span_residual(delta[0][i:i + 1], tokens_MD)[0]
+        # the whole input side of expert i as one matrix (Frobenius), as the spec states it
+        dW_ND = torch.cat([d[i] for d in delta[1:]])                                     # (m·F, D)
         input_E[i] = span_residual(dW_ND, tokens_MD, frobenius=True)[0]
     return SpanResidual(router_E, input_E, routed_TE.sum(0))
 

@@ -1,7 +1,8 @@
 """Claim runs: each chapter's checkable claims over arms × seeds, their verdicts, and the pinned live subset.
 
 ``python -m moewidgets reproduce CHAPTER`` runs the chapter's jobs (:mod:`moewidgets.sweep`: resumable, any
-executor) and writes one row per (arm, seed) to ``book/results/CHAPTER.jsonl`` (config, seed, metrics, wall time,
+executor; an MLP arm's seeds train at once, one seed group per arm on
+:class:`~moewidgets.multiseed.MultiSeedTrainer`) and writes one row per (arm, seed) to ``book/results/CHAPTER.jsonl`` (config, seed, metrics, wall time,
 device, versions). The chapter renders its claims table from that file and re-runs :func:`pinned_subset` live.
 
 One module per chapter (``chapter1`` … ``chapter4``) holds its arms, its job function and its verdicts;
@@ -19,23 +20,23 @@ from typing import Any, Callable
 
 from ..sweep import Job, run_jobs, write_jsonl
 from .chapter1 import (CHAPTER1_ARMS, CHAPTER1_TRAIN, PINNED_METRICS, chapter1_claims, chapter1_job, chapter1_jobs,
-                       chapter1_run)
+                       chapter1_run, chapter1_seeds_job)
 from .chapter2 import (CHAPTER2_ARMS, CHAPTER2_PINNED_ARMS, PINNED_METRICS_CH2, chapter2_claims, chapter2_job,
-                       chapter2_jobs, chapter2_lm_config, chapter2_mlp_run)
+                       chapter2_jobs, chapter2_seeds_job, chapter2_lm_config, chapter2_mlp_run)
 from .chapter3 import (CHAPTER3_ARMS, CHAPTER3_TRAIN, PINNED_METRICS_CH3, chapter3_claims, chapter3_job,
-                       chapter3_jobs, chapter3_run)
+                       chapter3_jobs, chapter3_seeds_job, chapter3_run)
 from .chapter4 import (CHAPTER4_ARMS, CHAPTER4_TRAIN, PINNED_METRICS_CH4, chapter4_claims, chapter4_job,
-                       chapter4_jobs, chapter4_run, chapter4_timing_job)
+                       chapter4_jobs, chapter4_seeds_job, chapter4_run, chapter4_timing_job)
 from .common import (CONVERGENCE_MARGIN, PROBE_POINTS, RESULTS_DIR, ClaimResult, PinnedCheck, bootstrap_ci,
                      claims_table, convergence_table, load_results)
 
 __all__ = ["CHAPTERS", "Chapter", "reproduce", "pinned_subset", "load_results", "claims_table", "convergence_table",
            "ClaimResult",
            "PinnedCheck", "bootstrap_ci", "RESULTS_DIR", "CONVERGENCE_MARGIN", "PROBE_POINTS",
-           "CHAPTER1_ARMS", "CHAPTER1_TRAIN", "chapter1_run", "chapter1_jobs", "chapter1_job", "chapter1_claims",
-           "CHAPTER2_ARMS", "chapter2_mlp_run", "chapter2_lm_config", "chapter2_jobs", "chapter2_job", "chapter2_claims",
-           "CHAPTER3_ARMS", "CHAPTER3_TRAIN", "chapter3_run", "chapter3_jobs", "chapter3_job", "chapter3_claims",
-           "CHAPTER4_ARMS", "CHAPTER4_TRAIN", "chapter4_run", "chapter4_jobs", "chapter4_job", "chapter4_claims",
+           "CHAPTER1_ARMS", "CHAPTER1_TRAIN", "chapter1_run", "chapter1_jobs", "chapter1_job", "chapter1_seeds_job", "chapter1_claims",
+           "CHAPTER2_ARMS", "chapter2_mlp_run", "chapter2_lm_config", "chapter2_jobs", "chapter2_job", "chapter2_seeds_job", "chapter2_claims",
+           "CHAPTER3_ARMS", "CHAPTER3_TRAIN", "chapter3_run", "chapter3_jobs", "chapter3_job", "chapter3_seeds_job", "chapter3_claims",
+           "CHAPTER4_ARMS", "CHAPTER4_TRAIN", "chapter4_run", "chapter4_jobs", "chapter4_job", "chapter4_seeds_job", "chapter4_claims",
            "chapter4_timing_job"]
 
 
@@ -45,7 +46,8 @@ class Chapter:
 
     Fields::
 
-        jobs            seeds -> list of Job (every arm × seed, plus the convergence runs)
+        jobs            seeds -> list of Job (every arm × seed, as seed groups where the arm has a seed axis,
+                        plus the convergence runs)
         claims          committed rows -> list of ClaimResult (the chapter's claims table)
         job             (payload, seed) -> metrics: one (arm, seed); the pinned subset re-runs it live
         arms            the arm names (the pinned subset's default)

@@ -1,8 +1,10 @@
-"""Chapter 1's claim runs (paper 1, SC-1 … SC-6): the arms, one job per (arm, seed), and the verdicts.
+"""Chapter 1's claim runs (paper 1, SC-1 … SC-6): the arms, one seed group per arm, and the verdicts.
 
 ``python -m moewidgets reproduce chapter1`` trains every (arm, seed), probes it at initialisation and after
 training, and writes one row per (arm, seed) to ``book/results/chapter1.jsonl`` (config, seed, metrics, wall
-time, device, versions). A second set of rows trains each (arm, seed) 4× longer: the convergence check.
+time, device, versions). The seeds of an arm train at once, one seed group
+(:class:`~moewidgets.multiseed.MultiSeedTrainer`: each seed as its own run would train, to float rounding).
+A second set of rows trains each (arm, seed) 4× longer: the convergence check.
 Chapter 1 (book/chapter1.ipynb) renders :func:`chapter1_claims` from that file and re-runs seed 0 live.
 """
 from __future__ import annotations
@@ -16,10 +18,11 @@ import torch
 from ..config import MoEConfig, RunConfig, TaskConfig, TrainConfig
 from ..sweep import Job
 from ..train import torch_threads
-from .common import _with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _converged, bootstrap_ci
+from .common import (_with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _converged, bootstrap_ci,
+                     one_seed, seed_group_job, seed_results, train_seed_group)
 
-__all__ = ["CHAPTER1_ARMS", "CHAPTER1_TRAIN", "chapter1_run", "chapter1_job", "chapter1_jobs", "chapter1_claims",
-           "PINNED_METRICS"]
+__all__ = ["CHAPTER1_ARMS", "CHAPTER1_TRAIN", "chapter1_run", "chapter1_job", "chapter1_seeds_job", "chapter1_jobs",
+           "chapter1_claims", "PINNED_METRICS"]
 
 # The arms of chapter 1 (E = 8, m = 64, D = 32; τ = 1, gate "softmax", no balancing): sizes scaled to a CPU (ours).
 CHAPTER1_ARMS: dict[str, dict[str, Any]] = {
@@ -75,40 +78,43 @@ def _probe_metrics(model, data, n_probe: int) -> dict[str, float]:
     return {k: (float(v) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def chapter1_job(payload: dict, seed: int) -> dict[str, Any]:
-    """One (arm, seed) of chapter 1: probe at init, train, probe again. Runs with 1 torch thread so that the
-    numbers are the same on every machine of a kind (restored afterwards)."""
-    from ..train import Trainer
+def chapter1_seeds_job(payload: dict, seeds: list[int]) -> list[dict[str, Any]]:
+    """Seeds ``seeds`` of one chapter-1 arm, trained at once (:func:`~moewidgets.reproduce.common.train_seed_group`):
+    each probed at initialisation, trained, probed again; one metrics dict per seed. One torch thread (restored
+    afterwards), so the numbers are the same on every machine of a kind."""
+    converge_only = payload.get("converge_only", False)
+    out: list[dict[str, Any]] = [{} for _ in seeds]
+
+    def probe_init(trainer) -> None:
+        for m, model, data in zip(out, trainer.models(), trainer.data):
+            m.update({f"init_{k}": v for k, v in _probe_metrics(model, data, payload["probe_points"]).items()})
+
     with torch_threads(1):
-        run = RunConfig.from_dict(payload["run"])
-        trainer = Trainer.from_config(run)
-        data, model = trainer.data, trainer.model
-        metrics: dict[str, Any] = {}
-        if not payload.get("converge_only", False):
-            metrics.update({f"init_{k}": v for k, v in _probe_metrics(model, data, payload["probe_points"]).items()})
-        trainer.run(every=max(1, run.train.steps))
-        metrics["probe_mse"] = trainer.evaluate()
-        metrics["train_loss_last50"] = trainer.history.last_loss(50)
-        metrics["target_var"] = float(data.y_probe.var())
-        metrics["steps"] = trainer.steps_done
-        if not payload.get("converge_only", False):
-            metrics.update(_probe_metrics(model, data, payload["probe_points"]))
-        metrics["_device"] = str(trainer.device)
-        return metrics
+        trainer = train_seed_group(payload, seeds, before=None if converge_only else probe_init)
+        for _, m, model, data, _ in seed_results(trainer, payload, seeds, out):
+            if not converge_only:
+                m.update(_probe_metrics(model, data, payload["probe_points"]))
+    return out
+
+
+def chapter1_job(payload: dict, seed: int) -> dict[str, Any]:
+    """One (arm, seed) of chapter 1: :func:`chapter1_seeds_job` with the one seed (the pinned subset's live
+    re-run; with the payload's ``dispatch`` it takes the path of the seed group that made the committed row)."""
+    return one_seed(chapter1_seeds_job, payload, seed)
 
 
 def chapter1_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool = True,
                   probe_points: int = PROBE_POINTS) -> list[Job]:
-    """The chapter-1 claim-run jobs: every arm × seed, plus (``converge``) the 4×-longer convergence runs."""
+    """The chapter-1 claim-run jobs: one seed group per arm (every seed trained at once), plus (``converge``) the
+    4×-longer convergence runs, one group per arm too."""
+    fn = "moewidgets.reproduce:chapter1_seeds_job"
     jobs = []
     for arm in arms or list(CHAPTER1_ARMS):
-        for seed in range(seeds):
-            jobs.append(Job(arm, "moewidgets.reproduce:chapter1_job",
-                            {"run": chapter1_run(arm, seed).to_dict(), "probe_points": probe_points}, seed))
-            if converge:
-                jobs.append(Job(arm + ":4x", "moewidgets.reproduce:chapter1_job",
-                                {"run": chapter1_run(arm, seed, 4).to_dict(), "probe_points": probe_points,
-                                 "converge_only": True}, seed))
+        jobs.append(seed_group_job(arm, fn, {"run": chapter1_run(arm, 0).to_dict(), "probe_points": probe_points},
+                                   seeds))
+        if converge:
+            jobs.append(seed_group_job(arm + ":4x", fn, {"run": chapter1_run(arm, 0, 4).to_dict(),
+                                                         "probe_points": probe_points, "converge_only": True}, seeds))
     return jobs
 
 

@@ -72,11 +72,12 @@ from ..sweep import Job
 from ..trace import RoutingTrace
 from ..train import torch_threads
 from .chapter1 import _routing_entropy, chapter1_run
-from .common import PROBE_POINTS, ClaimResult, _by_arm, _compare, _converged, _versus_constant
+from .common import (PROBE_POINTS, ClaimResult, _by_arm, _compare, _converged, _versus_constant, one_seed,
+                     seed_group_job, seed_results, train_seed_group)
 
 __all__ = ["CHAPTER2_ARMS", "CHAPTER2_PINNED_ARMS", "PINNED_METRICS_CH2", "LM_CONVERGENCE_MARGIN",
            "LM_CONVERGE_FACTOR", "LM_EVAL_TOKENS", "LM_PROBE_TOKENS", "LM_SPECTRA_TOKENS", "SUBSPACE_RANK",
-           "chapter2_mlp_run", "chapter2_lm_config", "chapter2_payload", "chapter2_job", "chapter2_jobs",
+           "chapter2_mlp_run", "chapter2_lm_config", "chapter2_payload", "chapter2_job", "chapter2_seeds_job", "chapter2_jobs",
            "chapter2_claims", "lm_convergence_table"]
 
 #: The arms by name. ``model`` is the setting ("mlp" or "lm"), ``k`` the top-k ("all" means fully soft, k = E),
@@ -281,32 +282,30 @@ def _geometry_generator(seed: int, layer: int) -> torch.Generator:
     return torch.Generator().manual_seed(1_009 * seed + layer + 17)
 
 
-def _mlp_job(payload: dict, seed: int) -> dict[str, Any]:
-    from ..train import Trainer, trace_model
-    run = RunConfig.from_dict(payload["run"])
-    trainer = Trainer.from_config(run)
-    data, model = trainer.data, trainer.model
+def _mlp_seeds_job(payload: dict, seeds: list[int]) -> list[dict[str, Any]]:
+    """Seeds ``seeds`` of one MLP arm trained at once (:func:`~moewidgets.reproduce.common.train_seed_group`):
+    probe at init, train, probe MSE, probe; one metrics dict per seed."""
+    from ..train import trace_model
     converge_only = payload.get("converge_only", False)
-    x_ND = data.x_probe[:payload["probe_points"]]
     kw = dict(rank=payload["rank"], n_draws=payload["n_draws"], n_splits=payload["n_splits"])
+    out: list[dict[str, Any]] = [{} for _ in seeds]
 
-    def probe() -> dict[str, float]:
+    def probe(model, data, seed: int) -> dict[str, float]:
+        x_ND = data.x_probe[:payload["probe_points"]]
         return _layer_geometry(model.layer.experts, trace_model(model, x_ND),
                                generator=_geometry_generator(seed, 0), **kw)
 
-    metrics: dict[str, Any] = {}
-    if not converge_only and payload.get("probe_init", True):
-        metrics.update({f"init_{k}": v for k, v in probe().items()})
-    trainer.run(every=max(1, run.train.steps))
-    metrics["probe_mse"] = trainer.evaluate()
-    metrics["heldout_loss"] = metrics["probe_mse"]
-    metrics["target_var"] = float(data.y_probe.var())
-    metrics["train_loss_last50"] = trainer.history.last_loss(50)
-    metrics["steps"] = trainer.steps_done
-    if not converge_only:
-        metrics.update(probe())
-    metrics["_device"] = str(trainer.device)
-    return metrics
+    def probe_init(trainer) -> None:
+        for m, model, data, seed in zip(out, trainer.models(), trainer.data, seeds):
+            m.update({f"init_{k}": v for k, v in probe(model, data, seed).items()})
+
+    trainer = train_seed_group(payload, seeds,
+                               before=None if converge_only or not payload.get("probe_init", True) else probe_init)
+    for s, m, model, data, _ in seed_results(trainer, payload, seeds, out):
+        m["heldout_loss"] = m["probe_mse"]
+        if not converge_only:
+            m.update(probe(model, data, seeds[s]))
+    return out
 
 
 def _layer_means(per_layer: list[dict[str, float]]) -> dict[str, float]:
@@ -356,9 +355,10 @@ def _lm_job(payload: dict, seed: int) -> dict[str, Any]:
 def chapter2_job(payload: dict, seed: int) -> dict[str, Any]:
     """One (arm, seed) of chapter 2 (payload from :func:`~moewidgets.reproduce.chapter2.chapter2_payload`): train, evaluate, probe.
 
-    MLP arms: probe at init (``init_*``), train, probe MSE, probe. LM arms: train, held-out loss and perplexity,
-    the probes of every layer (``L{l}_*``) and their means. ``converge_only``: no probes. One torch thread
-    (restored afterwards), so the numbers are the same on every machine of a kind.
+    MLP arms: probe at init (``init_*``), train, probe MSE, probe (:func:`chapter2_seeds_job` with the one seed).
+    LM arms: train, held-out loss and perplexity, the probes of every layer (``L{l}_*``) and their means.
+    ``converge_only``: no probes. One torch thread (restored afterwards), so the numbers are the same on every
+    machine of a kind.
 
     >>> run = chapter2_mlp_run("top-2", 0, steps=5, task=TaskConfig(n_train=512, n_probe=256))
     >>> m = chapter2_job(chapter2_payload(run, probe_points=256, probe_init=False, n_draws=3, n_splits=2), 0)
@@ -370,19 +370,36 @@ def chapter2_job(payload: dict, seed: int) -> dict[str, Any]:
     model = payload.get("model")
     if model not in ("mlp", "lm"):
         raise ValueError(f"payload['model']={model!r} must be 'mlp' or 'lm' (build payloads with chapter2_payload)")
+    if model == "mlp":
+        return one_seed(chapter2_seeds_job, payload, seed)
     with torch_threads(1):
-        return _mlp_job(payload, seed) if model == "mlp" else _lm_job(payload, seed)
+        return _lm_job(payload, seed)
+
+
+def chapter2_seeds_job(payload: dict, seeds: list[int]) -> list[dict[str, Any]]:
+    """Seeds ``seeds`` of one MLP arm of chapter 2, trained at once (one seed group,
+    :class:`~moewidgets.multiseed.MultiSeedTrainer`); one metrics dict per seed. The LM arms have no seed axis
+    (:class:`~moewidgets.lm.LMTrainer` trains one seed): they run one job per seed through :func:`chapter2_job`.
+
+    Chapter 2 (book/chapter2.ipynb).
+    """
+    if payload.get("model") != "mlp":
+        raise ValueError(f"payload['model']={payload.get('model')!r}: seed groups are for the MLP arms ('mlp'); "
+                         "run LM arms one seed at a time with chapter2_job")
+    with torch_threads(1):
+        return _mlp_seeds_job(payload, seeds)
 
 
 def chapter2_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool = True,
                   lm_steps: int | None = None) -> list[Job]:
     """The chapter-2 claim-run jobs: every arm × seed, plus (``converge``) the convergence runs: MLP arms 4×
-    longer (``arm:4x``, loss only), LM arms 2× longer (``arm:2x``, probed too). ``lm_steps``: the LM arms'
+    longer (``arm:4x``, loss only), LM arms 2× longer (``arm:2x``, probed too). An MLP arm's seeds train at once
+    (one seed group, a job giving one row per seed); an LM arm has one job per seed. ``lm_steps``: the LM arms'
     training steps (default: the CPU preset's 400).
 
     >>> jobs = chapter2_jobs(seeds=2)
-    >>> len(jobs), sorted({j.arm for j in jobs})[:4]
-    (32, ['lm-dense', 'lm-dense-active', 'lm-dense-active:2x', 'lm-dense:2x'])
+    >>> len(jobs), sum(j.n_rows for j in jobs), sorted({j.arm for j in jobs})[:4]
+    (24, 32, ['lm-dense', 'lm-dense-active', 'lm-dense-active:2x', 'lm-dense:2x'])
 
     Chapter 2 (book/chapter2.ipynb).
     """
@@ -393,20 +410,20 @@ def chapter2_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool 
     for arm in arms or []:
         _arm_spec(arm)
     fn = "moewidgets.reproduce.chapter2:chapter2_job"
+    group_fn = "moewidgets.reproduce.chapter2:chapter2_seeds_job"
     jobs = []
     for arm in arms or list(CHAPTER2_ARMS):
-        mlp = CHAPTER2_ARMS[arm]["model"] == "mlp"
-        for seed in range(seeds):
-            if mlp:
-                jobs.append(Job(arm, fn, chapter2_payload(chapter2_mlp_run(arm, seed)), seed))
-                if converge:
-                    long = chapter2_payload(chapter2_mlp_run(arm, seed, 4), converge_only=True)
-                    jobs.append(Job(f"{arm}:4x", fn, long, seed))
-            else:
-                jobs.append(Job(arm, fn, chapter2_payload(chapter2_lm_config(arm, seed, steps=lm_steps)), seed))
-                if converge:
-                    long = chapter2_payload(chapter2_lm_config(arm, seed, LM_CONVERGE_FACTOR, steps=lm_steps))
-                    jobs.append(Job(f"{arm}:{LM_CONVERGE_FACTOR}x", fn, long, seed))
+        if CHAPTER2_ARMS[arm]["model"] == "mlp":          # one seed group per MLP arm (and per convergence run)
+            jobs.append(seed_group_job(arm, group_fn, chapter2_payload(chapter2_mlp_run(arm, 0)), seeds))
+            if converge:
+                long = chapter2_payload(chapter2_mlp_run(arm, 0, 4), converge_only=True)
+                jobs.append(seed_group_job(f"{arm}:4x", group_fn, long, seeds))
+            continue
+        for seed in range(seeds):                         # LM arms: one job per seed (no seed axis)
+            jobs.append(Job(arm, fn, chapter2_payload(chapter2_lm_config(arm, seed, steps=lm_steps)), seed))
+            if converge:
+                long = chapter2_payload(chapter2_lm_config(arm, seed, LM_CONVERGE_FACTOR, steps=lm_steps))
+                jobs.append(Job(f"{arm}:{LM_CONVERGE_FACTOR}x", fn, long, seed))
     return jobs
 
 

@@ -1,6 +1,7 @@
 """Chapter 3's claim runs (router–expert coupling and the online K-Means router, RC-a … RC-g): arms, jobs, verdicts.
 
-``python -m moewidgets reproduce chapter3`` writes ``book/results/chapter3.jsonl``; chapter 3
+``python -m moewidgets reproduce chapter3`` writes ``book/results/chapter3.jsonl`` (the seeds of an arm trained at
+once, one seed group, :class:`~moewidgets.multiseed.MultiSeedTrainer`); chapter 3
 (book/chapter3.ipynb) renders :func:`chapter3_claims` from it and re-runs seed 0 of every arm live.
 
 The setting (spec §1.12 and §3, scaled to a CPU: ours): the MLP-MoE of chapter 1 with SwiGLU experts
@@ -19,10 +20,11 @@ import torch
 from ..config import MoEConfig, RunConfig, TaskConfig, TrainConfig
 from ..sweep import Job
 from ..train import torch_threads
-from .common import _with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _versus_constant
+from .common import (_with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _versus_constant, one_seed,
+                     seed_group_job, seed_results, train_seed_group)
 
 __all__ = ["CHAPTER3_ARMS", "CHAPTER3_TRAIN", "CHAPTER3_MODEL", "CHAPTER3_TASK", "chapter3_run", "chapter3_job",
-           "chapter3_jobs", "chapter3_claims", "PINNED_METRICS_CH3"]
+           "chapter3_seeds_job", "chapter3_jobs", "chapter3_claims", "PINNED_METRICS_CH3"]
 
 CHAPTER3_MODEL = MoEConfig(n_experts=8, k=2, d_model=32, d_hidden=64, expert="swiglu", gate="renorm")
 # The spec's ‖μ‖ = 2‖μ_c‖ (offset=2) collapses the routing of this un-normalised model at initialisation (6 of 8
@@ -45,6 +47,7 @@ CHAPTER3_ARMS: dict[str, dict[str, Any]] = {
 CHAPTER3_TRAIN = TrainConfig(steps=2000, batch_size=256, lr=1e-2, weight_decay=0.1, schedule="cosine", device="cpu")
 EXACT_TOKENS = 16           # tokens for the per-token gradient checks (RC-a)
 SPAN_TOKENS = 6             # tokens for the SGD span check (RC-b) and the aux-spread check (RC-c): fewer than D
+SPAN_LR = 0.01              # the RC-b runs' step (plain SGD and AdamW, 30 steps): stable at mean ‖x‖² ≈ 400
 
 
 def chapter3_run(arm: str, seed: int, steps_factor: int = 1) -> RunConfig:
@@ -99,12 +102,14 @@ def _exactness(model, data, seed: int) -> dict[str, float]:
     out["unselected_err_softmax"] = 1.0 - ce.min_unselected_cos
     x6 = data.x_probe[pick[EXACT_TOKENS:EXACT_TOKENS + SPAN_TOKENS]].to(torch.float64)
     y6 = layer64(x6).y_TD.detach() + 0.5 * torch.randn(x6.shape, generator=g, dtype=torch.float64)  # near the output
-    # RC-b in float64: the claim is about the update's direction. In float32 the rounding of w + Δ dominates the
-    # relative residual of an expert that barely moves (measured: up to 5e-2 on 1 of 5 trained models)
+    # RC-b in float64: the claim is about the update's direction, and the float32 rounding of w + Δ would dominate
+    # the relative residual of an expert that barely moves. lr = 0.01: these inputs have mean ‖x‖² ≈ 400, and the
+    # first version's lr = 0.05 diverged within 5 SGD steps on every model (NaN rows, which the max skipped: its
+    # "holds" was measured on the few rows that stayed finite). sgd_span_residual now raises on divergence.
     layer64.router.gate = "renorm"
     layer64.router.aux_weight = 0.0           # RC-b is about the task loss alone
-    out["sgd_residual"] = sgd_span_residual(layer64, x6, y6, steps=30, lr=0.05).max
-    out["adamw_residual"] = sgd_span_residual(layer64, x6, y6, steps=30, lr=0.01, optimizer="adamw").max
+    out["sgd_residual"] = sgd_span_residual(layer64, x6, y6, steps=30, lr=SPAN_LR).max
+    out["adamw_residual"] = sgd_span_residual(layer64, x6, y6, steps=30, lr=SPAN_LR, optimizer="adamw").max
     if model.cfg.aux_weight > 0:
         gs = gradient_spans(copy.deepcopy(model.layer).to(torch.float64), x6, y6)
         out["aux_own_mean"] = float(gs.aux_own_E[~torch.isnan(gs.aux_own_E)].mean())
@@ -113,54 +118,54 @@ def _exactness(model, data, seed: int) -> dict[str, float]:
     return out
 
 
-def chapter3_job(payload: dict, seed: int) -> dict[str, Any]:
-    """One (arm, seed) of chapter 3: geometry at init, train (loads every step), geometry and exactness after.
+def chapter3_seeds_job(payload: dict, seeds: list[int]) -> list[dict[str, Any]]:
+    """Seeds ``seeds`` of one chapter-3 arm trained at once (:func:`~moewidgets.reproduce.common.train_seed_group`):
+    geometry at init, train (loads every step), geometry and exactness after; one metrics dict per seed.
 
     One torch thread (restored afterwards), so the numbers are the same on every machine of a kind."""
     from ..balance import mean_batch_max_violation, load_std
-    from ..train import Trainer
+    converge_only = payload.get("converge_only", False)
+    out: list[dict[str, Any]] = [{} for _ in seeds]
+
+    def geometry_init(trainer) -> None:
+        if trainer.cfg.router == "kmeans":      # centroids exist after the first training batch only
+            trainer.step(1)
+        for m, model, data in zip(out, trainer.models(), trainer.data):
+            m.update({f"init_{k}": v for k, v in _geometry(model, data).items()})
+
     with torch_threads(1):
-        run = RunConfig.from_dict(payload["run"])
-        trainer = Trainer.from_config(run)
-        data, model = trainer.data, trainer.model
-        converge_only = payload.get("converge_only", False)
-        metrics: dict[str, Any] = {}
-        if not converge_only:
-            if run.model.router == "kmeans":       # centroids exist after the first training batch only
-                trainer.step(1)
-            metrics.update({f"init_{k}": v for k, v in _geometry(model, data).items()})
-        trainer.run(every=max(1, run.train.steps))
-        metrics["probe_mse"] = trainer.evaluate()
-        metrics["train_loss_last50"] = trainer.history.last_loss(50)
-        metrics["target_var"] = float(data.y_probe.var())
-        metrics["steps"] = trainer.steps_done
-        if not converge_only:
-            metrics.update(_geometry(model, data))
-            loads = trainer.history.load
-            metrics["maxvio_batch"] = mean_batch_max_violation(loads)
-            metrics["load_std_batch"] = float(np.mean([load_std(torch.tensor(ld)) for ld in loads]))
-            tail = loads[-100:]
-            metrics["maxvio_batch_last100"] = mean_batch_max_violation(tail)
-            # the MaxVio trajectory, smoothed over 50 steps (the chapter's plot)
-            mv = np.array([mean_batch_max_violation([ld]) for ld in loads])
-            metrics["track"] = {"step": list(range(50, len(mv) + 1, 50)),
-                                "maxvio": [float(mv[i - 50:i].mean()) for i in range(50, len(mv) + 1, 50)]}
-            if run.model.router == "softmax":
-                metrics.update(_exactness(model, data, seed))
-        metrics["_device"] = str(trainer.device)
-        return metrics
+        trainer = train_seed_group(payload, seeds, before=None if converge_only else geometry_init)
+        for s, m, model, data, hist in seed_results(trainer, payload, seeds, out):
+            if not converge_only:
+                m.update(_geometry(model, data))
+                loads = hist.load
+                m["maxvio_batch"] = mean_batch_max_violation(loads)
+                m["load_std_batch"] = float(np.mean([load_std(torch.tensor(ld)) for ld in loads]))
+                m["maxvio_batch_last100"] = mean_batch_max_violation(loads[-100:])
+                # the MaxVio trajectory, smoothed over 50 steps (the chapter's plot)
+                mv = np.array([mean_batch_max_violation([ld]) for ld in loads])
+                m["track"] = {"step": list(range(50, len(mv) + 1, 50)),
+                              "maxvio": [float(mv[i - 50:i].mean()) for i in range(50, len(mv) + 1, 50)]}
+                if trainer.cfg.router == "softmax":
+                    m.update(_exactness(model, data, seeds[s]))
+    return out
+
+
+def chapter3_job(payload: dict, seed: int) -> dict[str, Any]:
+    """One (arm, seed) of chapter 3: :func:`chapter3_seeds_job` with the one seed (the pinned subset's re-run)."""
+    return one_seed(chapter3_seeds_job, payload, seed)
 
 
 def chapter3_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool = True) -> list[Job]:
-    """The chapter-3 claim-run jobs: every arm × seed, plus (``converge``) the 4×-longer convergence runs."""
+    """The chapter-3 claim-run jobs: one seed group per arm (every seed trained at once), plus (``converge``) the
+    4×-longer convergence runs, one group per arm too."""
+    fn = "moewidgets.reproduce:chapter3_seeds_job"
     jobs = []
     for arm in arms or list(CHAPTER3_ARMS):
-        for seed in range(seeds):
-            jobs.append(Job(arm, "moewidgets.reproduce:chapter3_job", {"run": chapter3_run(arm, seed).to_dict()},
-                            seed))
-            if converge:
-                jobs.append(Job(arm + ":4x", "moewidgets.reproduce:chapter3_job",
-                                {"run": chapter3_run(arm, seed, 4).to_dict(), "converge_only": True}, seed))
+        jobs.append(seed_group_job(arm, fn, {"run": chapter3_run(arm, 0).to_dict()}, seeds))
+        if converge:
+            jobs.append(seed_group_job(arm + ":4x", fn, {"run": chapter3_run(arm, 0, 4).to_dict(),
+                                                         "converge_only": True}, seeds))
     return jobs
 
 

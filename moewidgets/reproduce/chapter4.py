@@ -1,6 +1,7 @@
 """Chapter 4's claim runs (the Manifold Power Iteration router, MPI-a … MPI-i): arms, jobs, verdicts.
 
-``python -m moewidgets reproduce chapter4`` writes ``book/results/chapter4.jsonl``; chapter 4
+``python -m moewidgets reproduce chapter4`` writes ``book/results/chapter4.jsonl`` (the seeds of an arm trained at
+once, one seed group, :class:`~moewidgets.multiseed.MultiSeedTrainer`); chapter 4
 (book/chapter4.ipynb) renders :func:`chapter4_claims` from it and re-runs seed 0 of every arm live.
 """
 from __future__ import annotations
@@ -13,9 +14,11 @@ import torch
 from ..config import MoEConfig, RunConfig, TaskConfig, TrainConfig
 from ..sweep import Job
 from ..train import torch_threads
-from .common import _with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _shifted, _versus_constant
+from .common import (_with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _shifted, _versus_constant,
+                     one_seed, seed_group_job, seed_results, train_seed_group)
 
-__all__ = ["CHAPTER4_ARMS", "CHAPTER4_TRAIN", "chapter4_run", "chapter4_job", "chapter4_timing_job",
+__all__ = ["CHAPTER4_ARMS", "CHAPTER4_TRAIN", "chapter4_run", "chapter4_job", "chapter4_seeds_job",
+           "chapter4_timing_job",
            "chapter4_jobs", "chapter4_claims", "PINNED_METRICS_CH4"]
 
 
@@ -108,54 +111,55 @@ def _maxvio_global(model, data) -> float:
     return max_violation(expert_counts(trace.idx_TK, model.cfg.n_experts))
 
 
-def chapter4_job(payload: dict, seed: int) -> dict[str, Any]:
-    """One (arm, seed) of chapter 4: alignment at init, train (alignment every 100 steps), then the metrics.
+def chapter4_seeds_job(payload: dict, seeds: list[int]) -> list[dict[str, Any]]:
+    """Seeds ``seeds`` of one chapter-4 arm trained at once (:func:`~moewidgets.reproduce.common.train_seed_group`):
+    alignment at init, train (alignment every 100 steps), then the metrics; one metrics dict per seed.
+    ``step_ms`` is each seed's share of the group's training time per step.
 
     One torch thread (restored afterwards), so the numbers are machine-independent for a kind of machine."""
     from ..balance import max_violation
-    from ..train import Trainer
-    with torch_threads(1):
-        run = RunConfig.from_dict(payload["run"])
-        trainer = Trainer.from_config(run)
-        data, model = trainer.data, trainer.model
-        converge_only = payload.get("converge_only", False)
-        metrics: dict[str, Any] = {}
-        track = {"step": [], "lam": [], "cos": [], "angle_deg": [], "gap": []}
+    converge_only = payload.get("converge_only", False)
+    out: list[dict[str, Any]] = [{} for _ in seeds]
+    tracks = [{"step": [], "lam": [], "cos": [], "angle_deg": [], "gap": []} for _ in seeds]
 
-        def record():
-            a = _alignment(model)
+    def record(trainer) -> list[dict[str, float]]:
+        alignments = [_alignment(model) for model in trainer.models()]
+        for track, a in zip(tracks, alignments):
             track["step"].append(trainer.steps_done)
             for k in ("lam", "cos", "angle_deg", "gap"):
                 track[k].append(a[k])
-            return a
+        return alignments
 
-        if not converge_only:
-            metrics.update({f"init_{k}": v for k, v in record().items()})
-            if run.model.router == "mpi":
+    def at_init(trainer) -> None:
+        for m, a, model in zip(out, record(trainer), trainer.models()):
+            m.update({f"init_{k}": v for k, v in a.items()})
+            if trainer.cfg.router == "mpi":
                 from ..geometry.mpi import row_alignment
                 from ..nn.routers import input_side_weights
                 with torch.no_grad():
                     raw = row_alignment(input_side_weights(model.layer.experts), model.layer.router.r_ED)
-                metrics["init_raw_lam"] = float(raw.lam.mean())     # λ of the trained parameter R itself
-        every = CHAPTER4_TRACK_EVERY if not converge_only else run.train.steps
-        while not trainer.done:
-            trainer.step(every)
+                m["init_raw_lam"] = float(raw.lam.mean())     # λ of the trained parameter R itself
+
+    with torch_threads(1):
+        if converge_only:
+            trainer = train_seed_group(payload, seeds)
+        else:
+            trainer = train_seed_group(payload, seeds, before=at_init, every=CHAPTER4_TRACK_EVERY, callback=record)
+        for s, m, model, data, hist in seed_results(trainer, payload, seeds, out):
+            m["step_ms"] = 1e3 * trainer.wall_s / len(seeds) / max(1, trainer.steps_done)
             if not converge_only:
-                record()
-        metrics["probe_mse"] = trainer.evaluate()
-        metrics["train_loss_last50"] = trainer.history.last_loss(50)
-        metrics["target_var"] = float(data.y_probe.var())
-        metrics["steps"] = trainer.steps_done
-        metrics["step_ms"] = 1e3 * trainer.wall_s / max(1, trainer.steps_done)
-        if not converge_only:
-            metrics.update(_alignment(model))
-            metrics["maxvio_global"] = _maxvio_global(model, data)
-            metrics["maxvio_batch"] = float(np.mean([max_violation(torch.tensor(ld)) for ld in trainer.history.load]))
-            metrics["track"] = track
-            if run.model.router == "mpi":
-                metrics.update(_mpi_exact_checks(model, data, seed))
-        metrics["_device"] = str(trainer.device)
-        return metrics
+                m.update(_alignment(model))
+                m["maxvio_global"] = _maxvio_global(model, data)
+                m["maxvio_batch"] = float(np.mean([max_violation(torch.tensor(ld)) for ld in hist.load]))
+                m["track"] = tracks[s]
+                if trainer.cfg.router == "mpi":
+                    m.update(_mpi_exact_checks(model, data, seeds[s]))
+    return out
+
+
+def chapter4_job(payload: dict, seed: int) -> dict[str, Any]:
+    """One (arm, seed) of chapter 4: :func:`chapter4_seeds_job` with the one seed (the pinned subset's re-run)."""
+    return one_seed(chapter4_seeds_job, payload, seed)
 
 
 def chapter4_timing_job(payload: dict, seed: int) -> dict[str, Any]:
@@ -197,16 +201,16 @@ def chapter4_timing_job(payload: dict, seed: int) -> dict[str, Any]:
 
 def chapter4_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool = True,
                   timing: bool = True) -> list[Job]:
-    """The chapter-4 claim-run jobs: every arm × seed, plus (``converge``) the 4×-longer convergence runs and
+    """The chapter-4 claim-run jobs: one seed group per arm (every seed at once), plus (``converge``) the
+    4×-longer convergence runs (a group per arm) and
     (``timing``) one interleaved timing job per seed (:func:`chapter4_timing_job`)."""
+    fn = "moewidgets.reproduce:chapter4_seeds_job"
     jobs = []
     for arm in arms or list(CHAPTER4_ARMS):
-        for seed in range(seeds):
-            jobs.append(Job(arm, "moewidgets.reproduce:chapter4_job", {"run": chapter4_run(arm, seed).to_dict()},
-                            seed))
-            if converge:
-                jobs.append(Job(arm + ":4x", "moewidgets.reproduce:chapter4_job",
-                                {"run": chapter4_run(arm, seed, 4).to_dict(), "converge_only": True}, seed))
+        jobs.append(seed_group_job(arm, fn, {"run": chapter4_run(arm, 0).to_dict()}, seeds))
+        if converge:
+            jobs.append(seed_group_job(arm + ":4x", fn, {"run": chapter4_run(arm, 0, 4).to_dict(),
+                                                         "converge_only": True}, seeds))
     if timing:
         for seed in range(seeds):
             jobs.append(Job("timing", "moewidgets.reproduce:chapter4_timing_job",

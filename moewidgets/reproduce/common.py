@@ -1,4 +1,5 @@
-"""What every chapter's claim runs share: the pass rule, claim results and their table, convergence, results files.
+"""What every chapter's claim runs share: the pass rule, claim results and their table, convergence, results files,
+and the seed groups every MLP arm trains with.
 
 Pass rule (paper-1 spec §1.6): a claim *holds* when the paired per-seed difference has the predicted sign in at
 least 4 of 5 seeds (80 %, rounded up) **and** its 95 % bootstrap CI over seeds excludes 0.
@@ -7,17 +8,21 @@ Convergence (ours): an arm has converged when, for every seed, its probe MSE aft
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..sweep import read_jsonl
+from ..config import RunConfig
+from ..sweep import Job, read_jsonl
 
 __all__ = ["RESULTS_DIR", "CONVERGENCE_MARGIN", "PROBE_POINTS", "bootstrap_ci", "ClaimResult", "claims_table",
            "convergence_table",
-           "PinnedCheck", "load_results"]
+           "PinnedCheck", "load_results", "seed_group_job", "train_seed_group", "row_config",
+           "seed_results", "one_seed"]
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent.parent / "book" / "results"
 CONVERGENCE_MARGIN = 0.005      # of Var(y): the 4× run may explain at most 0.5 % more variance
@@ -173,3 +178,66 @@ def load_results(chapter: str, results_dir: str | Path | None = None) -> list[di
     """The committed claim-run rows of a chapter."""
     return read_jsonl(Path(results_dir or RESULTS_DIR) / f"{chapter}.jsonl")
 
+
+
+# ------------------------------------------------------------------------------------------------ seed groups
+
+def seed_group_job(arm: str, fn: str, payload: dict[str, Any], seeds: int) -> Job:
+    """One job that trains seeds 0 … ``seeds``−1 of an MLP arm at once (:class:`~moewidgets.multiseed.MultiSeedTrainer`)
+    and gives one row per seed. ``payload["run"]`` is the arm's RunConfig dict (its seed is replaced per seed); the
+    payload gains ``"dispatch"``: the path the group's S·B tokens take, so that a live re-run of one seed
+    (:func:`train_seed_group` with ``[seed]``, the pinned subset) takes the same one.
+
+    >>> from moewidgets.reproduce import chapter1_run
+    >>> job = seed_group_job("top-2", "moewidgets.reproduce:chapter1_seeds_job", {"run": chapter1_run("top-2", 0).to_dict()}, 5)
+    >>> job.seeds, job.payload["dispatch"], job.n_rows
+    ((0, 1, 2, 3, 4), 'gather', 5)
+    """
+    from ..nn.layer import choose_dispatch
+    run = RunConfig.from_dict(payload["run"])
+    m = run.model
+    dispatch = choose_dispatch(seeds * run.train.batch_size, m.n_experts, m.k, m.d_model, m.d_hidden, m.expert)
+    return Job(arm, fn, {**payload, "dispatch": dispatch}, seed=0, seeds=tuple(range(seeds)))
+
+
+def train_seed_group(payload: dict[str, Any], seeds: list[int], before=None, every: int | None = None, callback=None):
+    """Build the :class:`~moewidgets.multiseed.MultiSeedTrainer` of ``payload["run"]`` over ``seeds`` (dispatch
+    ``payload["dispatch"]``, default "auto"), call ``before(trainer)`` (probes at initialisation), train to the end
+    with ``callback(trainer)`` every ``every`` steps, and return the trainer. A seed whose loss went non-finite
+    fails the job, as its own ``Trainer`` run would have."""
+    from ..multiseed import MultiSeedTrainer
+    run = RunConfig.from_dict(payload["run"])
+    trainer = MultiSeedTrainer(run, seeds, dispatch=payload.get("dispatch", "auto"))
+    if before is not None:
+        before(trainer)
+    trainer.run(callback, every or max(1, run.train.steps))
+    if trainer.errors:
+        seed, err = next(iter(trainer.errors.items()))
+        raise RuntimeError(f"seed {seed} of {list(seeds)}: {err}") from err
+    return trainer
+
+
+def row_config(payload: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The config of one seed's row of a seed group: the payload with ``run.model.seed`` set to that seed."""
+    out = copy.deepcopy(payload)
+    out["run"]["model"]["seed"] = seed
+    return out
+
+
+def seed_results(trainer, payload: dict[str, Any], seeds: list[int], out: list[dict[str, Any]]):
+    """After :func:`train_seed_group`: fill what every seed's row holds (``probe_mse``, ``train_loss_last50``,
+    ``target_var``, ``steps``, ``_device``, ``_config``) into ``out[s]`` and yield ``(s, out[s], model, data,
+    history)`` per seed, for the chapter's own metrics."""
+    mse = trainer.evaluate()
+    for s, (m, model, data, hist) in enumerate(zip(out, trainer.models(), trainer.data, trainer.histories)):
+        m.update(probe_mse=mse[s], train_loss_last50=hist.last_loss(50), target_var=float(data.y_probe.var()),
+                 steps=trainer.steps_done, _device=str(trainer.device), _config=row_config(payload, seeds[s]))
+        yield s, m, model, data, hist
+
+
+def one_seed(seeds_job, payload: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A chapter's one-(arm, seed) job from its seed-group job: the group of that one seed (the pinned subset's
+    live re-run; with the payload's ``dispatch`` it takes the path of the group that made the committed row)."""
+    metrics = seeds_job(payload, [seed])[0]
+    metrics.pop("_config")
+    return metrics
