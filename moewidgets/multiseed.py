@@ -61,6 +61,7 @@ from .balance import expert_counts
 from .config import RunConfig
 from .data import TaskData, make_task
 from .models import MLPMoE, build_model
+from .nn.experts import ragged_available, ragged_expert_outputs
 from .nn.layer import DISPATCHES, choose_dispatch
 from .nn.routers import mpi_rows, select_topk
 from .train import History, NonFiniteLossError, batch_generator, cosine_lr, make_adamw, resolve_device
@@ -101,20 +102,6 @@ class _StackedOutput:
     pred_SBO: torch.Tensor
     aux_S: torch.Tensor
     idx_SBK: torch.Tensor | None
-
-
-def ragged_available(device: str | torch.device, d_model: int, d_hidden: int,
-                     dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the unpadded ("ragged") gather path can run: ``torch.nn.functional.grouped_mm`` exists, the device
-    is a CPU (on CUDA it wants bfloat16), the dtype float32, and rows are 16-byte multiples (D, F multiples of 4).
-
-    >>> ragged_available("cpu", d_model=6, d_hidden=16)
-    False
-
-    Chapter 1 (book/chapter1.ipynb).
-    """
-    return (hasattr(F_, "grouped_mm") and torch.device(device).type == "cpu" and dtype == torch.float32
-            and d_model % 4 == 0 and d_hidden % 4 == 0)
 
 
 def _check_seeds(seeds) -> tuple[int, ...]:
@@ -292,18 +279,10 @@ class MultiSeedTrainer:
         return x_TD.new_zeros(S * B, D).index_add(0, tok_sorted, y_PD).view(S, B, D)
 
     def _ragged_outputs(self, x_PD: torch.Tensor, g_sorted: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
-        """Slots sorted by group through their experts with no padding: ``torch.nn.functional.grouped_mm`` over
-        the jagged groups (ends ``offs``), biases gathered per slot (grouped_mm's bias has no gradient)."""
-        w = self._expert_weights_G()
+        """Slots sorted by group through their experts with no padding
+        (:func:`~moewidgets.nn.experts.ragged_expert_outputs` over the G = S·E stacked experts)."""
         offs = torch.cumsum(counts_G, 0).to(torch.int32)
-        gmm = F_.grouped_mm
-        if self.cfg.expert == "gelu":
-            h_PF = gmm(x_PD, w["w_in_EFD"].transpose(1, 2), offs=offs) + w["b_in_EF"].index_select(0, g_sorted)
-            return (gmm(F_.gelu(h_PF), w["w_out_EDF"].transpose(1, 2), offs=offs)
-                    + w["b_out_ED"].index_select(0, g_sorted))
-        g_PF = gmm(x_PD, w["w_gate_EFD"].transpose(1, 2), offs=offs)
-        u_PF = gmm(x_PD, w["w_up_EFD"].transpose(1, 2), offs=offs)
-        return gmm(F_.silu(g_PF) * u_PF, w["w_out_EDF"].transpose(1, 2), offs=offs)
+        return ragged_expert_outputs(self.cfg.expert, self._expert_weights_G(), x_PD, g_sorted, offs)
 
     def _combine_dense(self, x_SBD, gates_SBK, idx_SBK):
         """``MoELayer._combine_dense`` per seed: every expert on every token, weighted by the (S, B, E) gates."""

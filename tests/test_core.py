@@ -10,6 +10,7 @@ import torch
 import moewidgets as mw
 from moewidgets.balance import loss_free_update, max_violation, switch_aux_loss, z_loss
 from moewidgets.nn import MoELayer, SoftmaxRouter, choose_dispatch, select_topk
+from moewidgets.nn.experts import ragged_available
 
 
 # ---------------------------------------------------------------- configs
@@ -100,6 +101,30 @@ def test_dispatch_matches_per_token_loop_values_and_grads(dispatch, expert, gate
     torch.testing.assert_close(gx_fast, gx_slow, atol=1e-10, rtol=0)
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.skipif(not ragged_available("cpu", 8, 12), reason="torch.nn.functional.grouped_mm not available")
+@pytest.mark.parametrize("expert", ["gelu", "swiglu"])
+@pytest.mark.parametrize("gate", ["softmax", "renorm"])
+@pytest.mark.parametrize("E,k,T", [(4, 2, 13), (6, 1, 5), (4, 4, 9)])          # (6, 1, 5): experts with no token
+def test_ragged_gather_matches_padded_and_the_per_token_loop_float32(expert, gate, E, k, T):
+    """The CPU float32 gather path (unpadded grouped_mm) against the padded one and the per-token loop."""
+    cfg = mw.MoEConfig(n_experts=E, k=k, d_model=8, d_hidden=12, expert=expert, gate=gate, temperature=0.7,
+                       aux_weight=0.1)
+    x = torch.randn(T, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    w = torch.randn(T, 8, generator=torch.Generator().manual_seed(6))
+    results = []
+    for ragged, fn in ((True, "layer"), (False, "layer"), (False, "loop")):
+        layer = MoELayer(cfg, torch.Generator().manual_seed(0), dispatch="gather", ragged=ragged)
+        x.grad = None
+        out = layer(x).y_TD if fn == "layer" else layer.per_token_reference(x)
+        (out * w).sum().backward()
+        results.append([out.detach(), x.grad.clone()]
+                       + [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()])
+    assert MoELayer(cfg).ragged is None
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
 def test_choose_dispatch_by_size():

@@ -9,8 +9,10 @@ Two exact dispatch paths compute the same sum (tests check both against a per-to
 * ``"dense"``  — run every expert on every token as two batched matmuls, weight by the (T, E) gate matrix
   (zero off-route). Few ops, E/K times the FLOPs: the fastest path at widget sizes, where each torch op costs
   more (≈ 4 µs) than its arithmetic.
-* ``"gather"`` — sort the (token, slot) pairs by expert, pad every expert's group to C = max count, one batched
-  matmul per projection, scatter-add back. K/E of the FLOPs, ~10 more ops: wins for large T·F·D or E/K.
+* ``"gather"`` — sort the (token, slot) pairs by expert, run each expert's group through it, scatter-add back.
+  K/E of the FLOPs, ~10 more ops: wins for large T·F·D or E/K. On a CPU in float32 the groups go unpadded
+  through ``grouped_mm`` ("ragged", :func:`~moewidgets.nn.experts.ragged_expert_outputs`); elsewhere every group
+  is padded to C = max count and each projection is one batched matmul. Same sum either way.
 
 ``dispatch="auto"`` picks by size (see :func:`choose_dispatch`).
 """
@@ -21,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..balance import expert_counts, loss_free_update
+from ..balance import loss_free_update
 from ..config import MoEConfig
-from .experts import make_experts
+from .experts import make_experts, ragged_available
 from .routers import RouterOutput, make_router
 
 __all__ = ["MoEOutput", "MoELayer", "DenseFFN", "make_layer", "choose_dispatch", "DISPATCHES"]
@@ -67,13 +69,15 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, cfg: MoEConfig, generator: torch.Generator | None = None, dispatch: str = "auto",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, ragged: bool | None = None):
         super().__init__()
         if cfg.arch != "moe":
             raise ValueError(f"MoELayer needs arch='moe', got arch={cfg.arch!r}; use DenseFFN for dense baselines")
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch={dispatch!r} must be one of {DISPATCHES}")
-        self.cfg, self.dispatch = cfg, dispatch
+        if ragged not in (None, True, False):
+            raise ValueError(f"ragged={ragged!r} must be None (whenever available), True or False (pad the groups)")
+        self.cfg, self.dispatch, self.ragged = cfg, dispatch, ragged
         self.experts = make_experts(cfg.expert, cfg.n_experts, cfg.d_model, cfg.d_hidden, generator, dtype)
         self.router = make_router(cfg, generator, dtype, experts=self.experts)
         self.register_buffer("lf_bias_E", torch.zeros(cfg.n_experts, dtype=dtype))
@@ -116,6 +120,14 @@ class MoELayer(nn.Module):
         e_sorted = flat_e[order]
         tok_sorted = torch.div(order, K, rounding_mode="floor")       # token of each sorted slot
         counts_E = torch.bincount(flat_e, minlength=E)
+        ragged = self.ragged
+        if ragged is None:
+            ragged = ragged_available(x_TD.device, x_TD.shape[1], self.cfg.d_hidden, x_TD.dtype)
+        if ragged:                    # no padding: each group straight through its expert (grouped_mm)
+            offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+            y_PD = self.experts.ragged_outputs(x_TD.index_select(0, tok_sorted), e_sorted, offs_E)
+            y_PD = y_PD * gates_TK.reshape(-1).index_select(0, order).unsqueeze(1)       # (T·K, D), gated
+            return x_TD.new_zeros(T, x_TD.shape[1]).index_add(0, tok_sorted, y_PD)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         pos = torch.arange(T * K, device=x_TD.device) - starts_E[e_sorted]  # slot's row inside its expert group
         C = int(counts_E.max())
