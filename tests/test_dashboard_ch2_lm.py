@@ -63,6 +63,9 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(data):
     dash = Chapter2LMDashboard(TINY, data=data, autostart=False, probe_every=10)
+    # one step per chunk: a status line after every step however fast this machine trains (chunks sized to the
+    # default 40 ms could jump from the step-10 probe straight to the end, leaving no line that shows it)
+    dash.runner.chunk_s = 0.0
     seen: list[str] = []
     shown = dash.runner.on_status
     dash.runner.on_status = lambda text: (seen.append(text), shown(text))

@@ -251,7 +251,7 @@ def sgd_span_residual(layer, x_TD: torch.Tensor, target_TD: torch.Tensor, steps:
         loss = 0.5 * (out.y_TD - target_TD).square().sum(-1).mean() + out.aux_loss
         if not torch.isfinite(loss):
             # a diverged run has NaN weights: its rows would read as "did not move" and be skipped by ``max``
-            raise ValueError(f"sgd_span_residual: the {optimizer} run diverged (loss {float(loss)} at step "
+            raise ValueError(f"sgd_span_residual: the {optimizer} run diverged (loss {float(loss.detach())} at step "
                              f"{step + 1} of {steps}) with lr={lr}: use a smaller lr (the stable step scales as "
                              f"1 / mean‖x‖², here {float(x_TD.square().sum(-1).mean()):.3g})")
         opt.zero_grad(set_to_none=True)
