@@ -172,7 +172,9 @@ def page(all_results: dict[str, dict], iframe_src: str | None) -> str:
     lines += _table(["", *[tag_label(all_results[t]) for t in tags]],
                     [[k, *[all_results[t]["environment"].get(k, "–") for t in tags]] for k in env_keys])
     if not any(all_results[t]["environment"]["device"] == "cuda" for t in tags):
-        lines += ["", "GPU: not measured in this session."]
+        lines += ["", "GPU: no `bench-cuda-*.json` here, so the suite has never been run on a GPU (none was lent to "
+                  "the sessions that built this book). On a CUDA machine, `python -m bench.run --device cuda` adds "
+                  "its columns, including the transformer GPU preset's tokens/s against `MixtralForCausalLM`."]
     lines += ["", "## Targets", ""]
     rows_by_key: dict[tuple, dict] = {}
     for t in tags:
