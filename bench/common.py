@@ -142,9 +142,13 @@ def cpu_model() -> str:
 
 
 def _git_commit() -> str:
+    """The short commit the numbers were taken at, with "+dirty" when tracked files differ from it (the measured
+    code then is not that commit's)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD") or "unknown"
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -62,7 +62,7 @@ from .config import RunConfig
 from .data import TaskData, make_task
 from .models import MLPMoE, build_model
 from .nn.experts import ragged_available, ragged_expert_outputs
-from .nn.layer import DISPATCHES, choose_dispatch
+from .nn.layer import DISPATCHES, choose_dispatch, gather_combine
 from .nn.routers import mpi_rows, select_topk
 from .train import History, NonFiniteLossError, batch_generator, cosine_lr, make_adamw, resolve_device
 
@@ -256,33 +256,20 @@ class MultiSeedTrainer:
         return {n: self.params[f"layer.experts.{n}"].flatten(0, 1) for n in names}
 
     def _combine_gather(self, x_SBD, gates_SBK, idx_SBK):
-        """``MoELayer._combine_gather`` over G = S·E groups (group g = s·E + e is expert e of seed s): the (token,
-        slot) pairs of all seeds sorted by group, each group through its expert, scatter-added back."""
+        """:func:`~moewidgets.nn.layer.gather_combine` over G = S·E groups (group g = s·E + e is expert e of seed
+        s): the (token, slot) pairs of all seeds sorted by group once, each group through its expert."""
         S, B, K = idx_SBK.shape
         E, D = self.cfg.n_experts, x_SBD.shape[2]
-        x_TD = x_SBD.reshape(S * B, D)                                                   # T = S·B tokens
-        gid_TK = idx_SBK + E * torch.arange(S, device=x_SBD.device).view(S, 1, 1)       # (S, B, K) group ids
-        flat_g = gid_TK.reshape(-1)                                                      # (P,) P = T·K slots
-        order = torch.argsort(flat_g, stable=True)                                       # slots grouped by group
-        g_sorted = flat_g[order]
-        tok_sorted = torch.div(order, K, rounding_mode="floor")                          # token of each slot
-        counts_G = torch.bincount(flat_g, minlength=S * E)
-        if self.ragged:
-            y_PD = self._ragged_outputs(x_TD.index_select(0, tok_sorted), g_sorted, counts_G)
-        else:                        # pad every group to C = the largest, one bmm per projection
-            starts_G = torch.cumsum(counts_G, 0) - counts_G
-            pos = torch.arange(S * B * K, device=x_SBD.device) - starts_G[g_sorted]     # row inside its group
-            C = int(counts_G.max())
-            x_GCD = x_TD.new_zeros(S * E, C, D).index_put((g_sorted, pos), x_TD[tok_sorted])
-            y_PD = self._grouped_outputs(x_GCD)[g_sorted, pos]
-        y_PD = y_PD * gates_SBK.reshape(-1).index_select(0, order).unsqueeze(1)          # (P, D), gated
-        return x_TD.new_zeros(S * B, D).index_add(0, tok_sorted, y_PD).view(S, B, D)
+        gid_SBK = idx_SBK + E * torch.arange(S, device=x_SBD.device).view(S, 1, 1)      # (S, B, K) group ids
+        ragged = self._ragged_outputs if self.ragged else None
+        y_TD = gather_combine(x_SBD.reshape(S * B, D), gates_SBK.reshape(S * B, K), gid_SBK.reshape(S * B, K),
+                              S * E, self._grouped_outputs, ragged)                      # T = S·B tokens
+        return y_TD.view(S, B, D)
 
-    def _ragged_outputs(self, x_PD: torch.Tensor, g_sorted: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
+    def _ragged_outputs(self, x_PD: torch.Tensor, g_sorted: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
         """Slots sorted by group through their experts with no padding
         (:func:`~moewidgets.nn.experts.ragged_expert_outputs` over the G = S·E stacked experts)."""
-        offs = torch.cumsum(counts_G, 0).to(torch.int32)
-        return ragged_expert_outputs(self.cfg.expert, self._expert_weights_G(), x_PD, g_sorted, offs)
+        return ragged_expert_outputs(self.cfg.expert, self._expert_weights_G(), x_PD, g_sorted, offs_G)
 
     def _combine_dense(self, x_SBD, gates_SBK, idx_SBK):
         """``MoELayer._combine_dense`` per seed: every expert on every token, weighted by the (S, B, E) gates."""

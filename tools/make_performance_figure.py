@@ -263,10 +263,11 @@ PER_SEED_CPU_S = {"chapter1": 2441, "chapter2": 803, "chapter3": 2942, "chapter4
 def _claim_runs_section() -> list[str]:
     """How long the committed claim runs took, from their rows (``book/results/*.jsonl``): seed groups vs the
     per-seed jobs they replaced."""
+    from moewidgets.sweep import read_jsonl
     results = ROOT / "book" / "results"
     body = []
     for path in sorted(results.glob("chapter*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
         groups = {(r["arm"], r["key"]): r["group"]["wall_s"] for r in rows if "group" in r}
         singles = [r for r in rows if "group" not in r]
         grouped_rows = len(rows) - len(singles)

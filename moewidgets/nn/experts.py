@@ -54,7 +54,9 @@ def ragged_expert_outputs(activation: str, w: dict[str, torch.Tensor], x_PD: tor
     ``e_sorted_P``: each slot's expert (non-decreasing); ``offs_E``: int32 end offset of each expert's rows.
     One ``torch.nn.functional.grouped_mm`` per projection over the jagged groups; biases are gathered per slot
     (grouped_mm's own bias gets no gradient). Same sum as padding every group to the largest and one ``bmm``,
-    without the padding's copies and wasted rows (measured in ``bench/``: 15–25 % faster per layer step).
+    without the padding's copies and wasted rows. Measured once against the padded path in ``bench.layer``'s
+    harness (SwiGLU layer forward + backward, 1 thread, 2-core CPU): the speed-up over ``MixtralSparseMoeBlock``
+    went from 0.81–1.57× padded to 1.01–1.97× unpadded over six shapes (T = 512, 2048; D = 32, 64; E = 4, 8).
     """
     gmm = F_.grouped_mm
     if activation == "gelu":

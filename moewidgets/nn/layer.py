@@ -19,6 +19,7 @@ Two exact dispatch paths compute the same sum (tests check both against a per-to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from ..config import MoEConfig
 from .experts import make_experts, ragged_available
 from .routers import RouterOutput, make_router
 
-__all__ = ["MoEOutput", "MoELayer", "DenseFFN", "make_layer", "choose_dispatch", "DISPATCHES"]
+__all__ = ["MoEOutput", "MoELayer", "DenseFFN", "make_layer", "choose_dispatch", "gather_combine", "DISPATCHES"]
 
 DISPATCHES = ("auto", "dense", "gather")
 
@@ -54,6 +55,39 @@ def choose_dispatch(n_tokens: int, n_experts: int, k: int, d_model: int, d_hidde
     matmuls = 3 if expert == "swiglu" else 2
     wasted_flops = 3.0 * matmuls * n_tokens * (n_experts - k) * d_hidden * d_model
     return "dense" if wasted_flops < 14e6 else "gather"
+
+
+def gather_combine(x_TD: torch.Tensor, gates_TK: torch.Tensor, group_TK: torch.Tensor, n_groups: int,
+                   grouped_outputs: Callable[[torch.Tensor], torch.Tensor],
+                   ragged_outputs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                   ) -> torch.Tensor:
+    """The gather path: ``y_t = Σ_slots gate · E_group(x_t)``, (T, D), each slot's group (expert) run only on the
+    tokens routed to it. The P = T·K (token, slot) pairs are sorted by group once; then either
+    ``ragged_outputs(x_PD, group_sorted_P, offs_G)`` runs the jagged groups unpadded (``offs_G``: int32 end offset
+    of each group), or (``ragged_outputs=None``) every group is padded to C = the largest and
+    ``grouped_outputs(x_GCD) → (G, C, D)`` runs them as one batched matmul; the gated outputs are scatter-added back.
+
+    ``MoELayer`` uses it with its E experts as the groups; :class:`~moewidgets.multiseed.MultiSeedTrainer` with the
+    S·E (seed, expert) pairs of its stacked models.
+    """
+    T, K = group_TK.shape
+    D = x_TD.shape[1]
+    flat_g = group_TK.reshape(-1)                                  # (P,) group of each slot
+    order = torch.argsort(flat_g, stable=True)                     # slots grouped by group
+    g_sorted = flat_g[order]
+    tok_sorted = torch.div(order, K, rounding_mode="floor")        # token of each sorted slot
+    counts_G = torch.bincount(flat_g, minlength=n_groups)
+    if ragged_outputs is not None:                                 # no padding: grouped_mm over the jagged groups
+        offs_G = torch.cumsum(counts_G, 0).to(torch.int32)
+        y_PD = ragged_outputs(x_TD.index_select(0, tok_sorted), g_sorted, offs_G)
+    else:                                                          # pad every group to C, one bmm per projection
+        starts_G = torch.cumsum(counts_G, 0) - counts_G
+        pos = torch.arange(T * K, device=x_TD.device) - starts_G[g_sorted]        # slot's row inside its group
+        C = int(counts_G.max())
+        x_GCD = x_TD.new_zeros(n_groups, C, D).index_put((g_sorted, pos), x_TD[tok_sorted])
+        y_PD = grouped_outputs(x_GCD)[g_sorted, pos]
+    y_PD = y_PD * gates_TK.reshape(-1).index_select(0, order).unsqueeze(1)         # (P, D), gated
+    return x_TD.new_zeros(T, D).index_add(0, tok_sorted, y_PD)
 
 
 class MoELayer(nn.Module):
@@ -113,28 +147,11 @@ class MoELayer(nn.Module):
         return torch.einsum("te,ted->td", g_TE, y_TED)
 
     def _combine_gather(self, x_TD, gates_TK, idx_TK):
-        T, K = idx_TK.shape
-        E = self.cfg.n_experts
-        flat_e = idx_TK.reshape(-1)                                   # (T·K,) expert of each slot
-        order = torch.argsort(flat_e, stable=True)                    # slots grouped by expert
-        e_sorted = flat_e[order]
-        tok_sorted = torch.div(order, K, rounding_mode="floor")       # token of each sorted slot
-        counts_E = torch.bincount(flat_e, minlength=E)
         ragged = self.ragged
         if ragged is None:
             ragged = ragged_available(x_TD.device, x_TD.shape[1], self.cfg.d_hidden, x_TD.dtype)
-        if ragged:                    # no padding: each group straight through its expert (grouped_mm)
-            offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-            y_PD = self.experts.ragged_outputs(x_TD.index_select(0, tok_sorted), e_sorted, offs_E)
-            y_PD = y_PD * gates_TK.reshape(-1).index_select(0, order).unsqueeze(1)       # (T·K, D), gated
-            return x_TD.new_zeros(T, x_TD.shape[1]).index_add(0, tok_sorted, y_PD)
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        pos = torch.arange(T * K, device=x_TD.device) - starts_E[e_sorted]  # slot's row inside its expert group
-        C = int(counts_E.max())
-        x_ECD = x_TD.new_zeros(E, C, x_TD.shape[1]).index_put((e_sorted, pos), x_TD[tok_sorted])
-        y_ECD = self.experts.grouped_outputs(x_ECD)
-        y_SD = y_ECD[e_sorted, pos] * gates_TK.reshape(-1)[order].unsqueeze(1)   # (T·K, D), gated
-        return x_TD.new_zeros(T, x_TD.shape[1]).index_add(0, tok_sorted, y_SD)
+        return gather_combine(x_TD, gates_TK, idx_TK, self.cfg.n_experts, self.experts.grouped_outputs,
+                              self.experts.ragged_outputs if ragged else None)
 
     @torch.no_grad()
     def after_step(self, loads_E: torch.Tensor) -> None:
