@@ -1,17 +1,23 @@
 # moewidgets — set up, open, test and build the course.  GNU make; works as root and non-root.
 #
 #   make lab        create .venv if missing, install, open JupyterLab on the book (127.0.0.1, token kept)
-#   make test       unit + packaging + browser tests, nbval on the book, book build with warnings as errors
-#   make book       build the HTML book (notebooks executed) into book/_build/html
+#   make test       install check, Chromium check, figures, pytest (unit, packaging, browser, doctests), nbval, book build, offline-book test
+#   make book       build the HTML book from the committed notebook outputs into book/_build/html
+#   make notebooks  jupytext --sync book/*.md, then execute every book notebook (tools/execute_notebook.py)
 #   make bench      run the benchmarks (bench/)
-#   make reproduce  the claim runs of every chapter (resumable) -> book/results/chapterN.jsonl
+#   make reproduce  the claim runs of every chapter (resumable, SEEDS=10) -> book/results/chapterN.jsonl (committed)
 #   make app        serve the chapter dashboards with Voila on 127.0.0.1:8866, one kernel per page load
 #   make figures    retrain the grids of the book's kernel-free figures -> book/_extra/figures/
+#   make lock       regenerate constraints.txt from pyproject.toml (uv pip compile, all extras, Python 3.11)
 #   make clean      remove build outputs and caches (keeps the venv);  make distclean: also the venv
 #
-# Overridable:  VENV=.venv  PYTHON=python3  TORCH_SPEC='torch==2.13.0'  MOEWIDGETS_DATA=/path/to/data
-# A bare `torch` on x86_64 resolves to a multi-GB CUDA build; the default pins the CPU wheel.
-# For a CUDA build:  TORCH_SPEC='torch' make install
+# Overridable:  VENV=.venv  PYTHON=python3  MOEWIDGETS_DATA=/path/to/data  TORCH_SPEC  TORCH_INDEX
+# PyTorch is installed FIRST (tools/install_torch.sh), TORCH_SPEC defaulting to the torch pin in constraints.txt:
+#   Linux x86_64  the CPU build: a local wheel if pip's find-links has one, else https://download.pytorch.org/whl/cpu
+#                 as an extra index (~200 MB download). PyPI's own Linux x86_64 torch is the CUDA build (several GB).
+#   macOS/other   PyPI's default wheel (macOS: CPU + MPS, ~80 MB).
+#   CUDA build    only when asked: TORCH_INDEX=https://download.pytorch.org/whl/cu128 make install  (several GB)
+#                 (TORCH_INDEX=pypi: PyPI's default;  TORCH_SPEC='torch==X.Y.Z': another release)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -20,8 +26,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 PY = $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= lab,book,test,hf,app,dist
+# Empty = tools/install_torch.sh's defaults (the constraints.txt pin; TORCH_INDEX=auto). Exported to the script.
+TORCH_SPEC ?=
+TORCH_INDEX ?= auto
+export TORCH_SPEC TORCH_INDEX
 
 # The data folder (WikiText-2, chapter 2 on): the environment wins, else ../shared/data if it exists.
 ifndef MOEWIDGETS_DATA
@@ -40,18 +49,25 @@ BOOK_BUILD = $(VENV)/bin/jupyter-book build book/ --config jupyter_book_config.y
 # Start of this make invocation, for the wall time that `make test` prints.
 T0 := $(shell date +%s)
 
-.PHONY: help install lab test book bench reproduce app figures figures-html clean distclean
+.PHONY: help install lab test book notebooks bench reproduce app figures figures-html lock chromium clean distclean
 
 help:
-	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,20p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---------------------------------------------------------------------------------------------
-# Install: torch FIRST (TORCH_SPEC), then the package with the CI pins. Re-runs only when
-# pyproject.toml or constraints.txt change (or the stamp is removed).
-$(VENV)/.installed: pyproject.toml constraints.txt
-	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]"
+# Install: torch FIRST (tools/install_torch.sh: TORCH_SPEC / TORCH_INDEX), then the package with the CI pins from
+# constraints.txt minus its torch line (torch is already there; an overridden TORCH_SPEC must not fight the pin).
+# Re-runs only when pyproject.toml or constraints.txt change (or the stamp is removed).
+$(VENV)/.installed: pyproject.toml constraints.txt tools/install_torch.sh
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+		if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+			echo "no venv support (Debian/Ubuntu: python3-venv); installing it: apt-get update && apt-get install -y python3-venv"; \
+			export DEBIAN_FRONTEND=noninteractive; apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); \
+		else echo "make install: '$(PYTHON) -m venv' failed; on Debian/Ubuntu run as root: apt-get install -y python3-venv" >&2; \
+			exit 1; fi; }; }
+	grep -v -E '^torch==' constraints.txt > $(VENV)/constraints-no-torch.txt
+	TORCH_CONSTRAINTS=$(VENV)/constraints-no-torch.txt tools/install_torch.sh $(PY)
+	$(PY) -m pip install -c $(VENV)/constraints-no-torch.txt -e ".[$(EXTRAS)]"
 	@mkdir -p $(LAB_SETTINGS)
 	@printf '%s\n' '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' \
 		> $(LAB_SETTINGS)/overrides.json
@@ -65,34 +81,55 @@ lab: install
 		$(wildcard book/chapter1.ipynb)
 
 # ---------------------------------------------------------------------------------------------
-# Stops at the first failing step; prints each step's and the whole run's wall time.
+# Stops at the first failing step; prints each step's and the whole run's wall time. Order: install check (the
+# prerequisite) -> Chromium (tools/ensure_chromium.sh: apt as root, else stop with the command) -> figures -> pytest
+# over tests/ and the package's docstrings (--doctest-modules, testpaths in pyproject) -> nbval on the committed
+# outputs -> book build from those same outputs (execute_notebooks: "off": nothing runs twice) -> the offline-book
+# browser test, which needs the built book. (No $(MAKE) in this recipe: `make -n test` must not run it.)
+OFFLINE_BOOK_TEST := tests/browser/test_offline_book.py
 test: install
 	@step() { local name=$$1 t=$$(date +%s); shift; echo; echo "==> $$name: $$*"; \
 		"$$@" || return $$?; echo "<== $$name: ok in $$(( $$(date +%s) - t )) s"; }; \
 	rc=0; { \
-		step "figures" $(MAKE) --no-print-directory figures-html && \
-		step "pytest tests" $(PY) -m pytest tests && \
+		step "chromium" tools/ensure_chromium.sh && \
+		step "figures" $(PY) tools/make_static_figures.py --render-only && \
+		step "performance figure" $(PY) tools/make_performance_figure.py && \
+		step "pytest tests + doctests" $(PY) -m pytest tests moewidgets --ignore=$(OFFLINE_BOOK_TEST) && \
 		step "nbval" $(PY) -m pytest --nbval --nbval-current-env book/ --ignore=book/_build \
 			--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider && \
-		step "book build" $(BOOK_BUILD) -W -n --keep-going ; \
+		step "book build" $(BOOK_BUILD) -W -n --keep-going && \
+		if [ -f $(OFFLINE_BOOK_TEST) ]; then step "offline book" $(PY) -m pytest $(OFFLINE_BOOK_TEST); \
+		else echo "(no $(OFFLINE_BOOK_TEST) yet)"; fi ; \
 	} || rc=$$?; \
 	echo; echo "make test: $$( [ $$rc -eq 0 ] && echo PASSED || echo "FAILED (exit $$rc)" )," \
 		"wall $$(( $$(date +%s) - $(T0) )) s (including the install check)"; \
 	exit $$rc
+
+chromium:
+	tools/ensure_chromium.sh
 
 # ---------------------------------------------------------------------------------------------
 book: install figures-html
 	$(BOOK_BUILD)
 	@echo "HTML: book/_build/html/index.html"
 
+# Author edits book/X.md (MyST, jupytext-paired with book/X.ipynb): sync the pairs, then execute every paired notebook
+# in place, keeping only the outputs that are committed (tools/execute_notebook.py). Then `make test` checks them.
+BOOK_MD_PAIRS = $(shell grep -l -E '^ *formats: *ipynb,md' book/*.md 2>/dev/null)
+notebooks: install
+	@test -n "$(BOOK_MD_PAIRS)" || { echo "make notebooks: no jupytext-paired book/*.md found" >&2; exit 1; }
+	$(VENV)/bin/jupytext --sync $(BOOK_MD_PAIRS)
+	$(PY) tools/execute_notebook.py $(BOOK_MD_PAIRS:.md=.ipynb)
+
 bench: install
 	$(PY) -m bench.run
 
+reproduce: SEEDS ?= 10
 reproduce: install
-	$(PY) -m moewidgets reproduce chapter1
-	$(PY) -m moewidgets reproduce chapter2
-	$(PY) -m moewidgets reproduce chapter3
-	$(PY) -m moewidgets reproduce chapter4
+	$(PY) -m moewidgets reproduce chapter1 --seeds $(SEEDS) --commit-results
+	$(PY) -m moewidgets reproduce chapter2 --seeds $(SEEDS) --commit-results
+	$(PY) -m moewidgets reproduce chapter3 --seeds $(SEEDS) --commit-results
+	$(PY) -m moewidgets reproduce chapter4 --seeds $(SEEDS) --commit-results
 
 # ---------------------------------------------------------------------------------------------
 # Classroom mode (app/README.md): the chapter dashboards as web pages, a fresh kernel per page load. The offline
@@ -114,6 +151,36 @@ figures: install
 figures-html: install
 	$(PY) tools/make_static_figures.py --render-only
 	$(PY) tools/make_performance_figure.py
+
+# ---------------------------------------------------------------------------------------------
+# constraints.txt = the lock: every package of every extra, for Python 3.11 (the oldest 3.11, so Debian 12's 3.11.2
+# can install it) on Linux x86_64, torch pinned to LOCK_TORCH. The current constraints.txt is the preferred versions
+# input, so a re-lock moves nothing it need not (LOCK_UPGRADE=--upgrade to take the newest of everything).
+# torch's metadata comes from the CPU build (a local wheel in pip's find-links, else PyTorch's CPU index), so the lock
+# holds no nvidia-* packages; its +cpu label is dropped, so `torch==X.Y.Z` matches CPU, CUDA and macOS builds alike.
+LOCK_TORCH ?= torch==2.13.0
+LOCK_PYTHON ?= 3.11
+LOCK_UPGRADE ?=
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+lock:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(VENV)/bin/uv || $(PY) -m pip install "$$(grep -m 1 -E '^uv==' constraints.txt | cut -d' ' -f1 || echo uv)"
+	@set -eu; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo '$(LOCK_TORCH)+cpu' > $$tmp/torch.txt; grep -v -E '^torch==' constraints.txt > $$tmp/constraints.txt; \
+	links=$${PIP_FIND_LINKS:-$$($(PY) -m pip config get global.find-links 2>/dev/null || true)}; \
+	if [ -n "$$links" ] && ls $$links/torch-*.whl >/dev/null 2>&1; then src="--find-links $$links"; \
+	else src="--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match"; fi; \
+	echo "torch metadata from: $$src"; \
+	$(VENV)/bin/uv pip compile pyproject.toml --all-extras --python-version $(LOCK_PYTHON) \
+		--python-platform x86_64-unknown-linux-gnu -c $$tmp/torch.txt $$src $(LOCK_UPGRADE) \
+		--annotation-style line --custom-compile-command "make lock" -o $$tmp/constraints.txt; \
+	sed -i -E 's/^(torch==[^+ ;#]+)\+[A-Za-z0-9.]+/\1/; s|-c [^ ,]*/torch\.txt|LOCK_TORCH|' $$tmp/constraints.txt; \
+	{ sed -n '1,/^# ---- lock/p' constraints.txt; grep -v -E '^#( |$$)|^#$$' $$tmp/constraints.txt; } > $$tmp/new; \
+	norm() { sed -E 's/[[:space:]]*[#;].*//' "$$1" | grep -E '^[A-Za-z0-9]' \
+		| awk -F'==' '{n=tolower($$1); gsub(/[-_.]+/,"-",n); print n"=="$$2}' | sort; }; \
+	moved=$$(diff <(norm constraints.txt) <(norm $$tmp/new) | grep -E '^[<>]' || true); \
+	echo "pins moved (< old, > new):"; echo "$${moved:-  none}"; \
+	mv $$tmp/new constraints.txt
 
 # ---------------------------------------------------------------------------------------------
 clean:

@@ -9,6 +9,12 @@ Benchmarks (``--only`` picks some; see each module's docstring):
     scaling     our layer's time vs tokens, experts and width; power-law fits    (bench/scaling.py)
     multiseed   8 seeds trained at once vs one seed                              (bench/multiseed.py, if present)
     lm          the transformer LM's training tokens/s vs MixtralForCausalLM     (bench/lm.py)
+    dashboards  each chapter's dashboard, slider → new run done, kernel side     (bench/dashboards.py)
+
+The browser side of the same wait (keypress → status ack, keypress → "done" in JupyterLab in headless Chromium) is
+measured by ``tests/browser/test_chapter1_browser.py``, which writes ``build/browser/latency.json``; when that file
+exists, a run that writes ``bench/results`` copies it to ``bench/results/browser-chapter1.json`` (the Performance page
+shows both sides beside their targets).
 
 Every comparison is taken side by side in one process, the candidates interleaved (alternating order) so machine
 drift hits all of them; numbers are medians over repeats with their min–max (``bench/common.py``).
@@ -39,7 +45,9 @@ from . import common
 from .common import fmt_ratio, fmt_s, fmt_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHES = ("retrain", "probes", "layer", "jacobians", "scaling", "multiseed", "lm")
+BENCHES = ("retrain", "probes", "layer", "jacobians", "scaling", "multiseed", "lm", "dashboards")
+BROWSER_JSON = common.REPO / "build" / "browser" / "latency.json"     # written by tests/browser/test_chapter1_browser.py
+BROWSER_RESULT = "browser-chapter1.json"
 GPU_NOTE = "GPU: not measured in this session."
 
 # (repeats, min_block_s, jacobian loop points): full run vs --quick smoke test
@@ -67,7 +75,7 @@ def run_multiseed(repeats: int, threads: int, log=print) -> dict:
 
 def run_suite(only: tuple[str, ...], quick: bool, device: str, threads: int, log=print) -> dict:
     """Run the selected benchmarks at the current thread count; ``{name: result dict}``."""
-    from . import chapter1, jacobians, layer, lm, scaling
+    from . import chapter1, dashboards, jacobians, layer, lm, scaling
     p = QUICK if quick else FULL
     calls = {
         "retrain": lambda: chapter1.bench_retrain(p["repeats"], device, log),
@@ -78,6 +86,10 @@ def run_suite(only: tuple[str, ...], quick: bool, device: str, threads: int, log
         "scaling": lambda: scaling.bench_scaling(p["repeats"], p["min_block_s"], device, log=log),
         "multiseed": lambda: run_multiseed(1 if quick else p["repeats"], threads, log),
         "lm": lambda: lm.bench_lm(p["repeats"], max(p["min_block_s"], 0.05) * (1 if quick else 10), device, log),
+        "dashboards": lambda: (dashboards.bench_dashboards(p["repeats"], 1.0 if quick else 8.0, log,
+                                                           with_ablation=not quick)
+                               if threads == 1 and device == "cpu" else
+                               {"skipped": "the dashboards train on one thread on the CPU (run with --threads 1)"}),
     }
     results = {}
     for name in only:
@@ -196,12 +208,57 @@ def report(results: dict) -> str:
                          ["MixtralForCausalLM", f"{lmb['parameters_transformers']:,}",
                           fmt_stats(lmb["transformers"]), f"{lmb['tokens_per_s_transformers']:,.0f}"]])
         lines += ["", f"Ours / transformers tokens per second: {fmt_ratio(lmb['speedup'])}."]
+    lines += dashboards_lines(benches.get("dashboards"))
     lines += ["", "## Runs", "", "When each benchmark ran (`--only` keeps earlier rows), its wall time, and the "
               "1-minute load average after it (other processes inflate times).", ""]
     lines += _table(["bench", "date", "wall time", "load average after"],
                     [[name, b.get("date", "–"), fmt_s(b["wall_s"]) if "wall_s" in b else "–",
                       b.get("loadavg_1min_after", "–")] for name, b in benches.items()])
     return "\n".join(lines) + "\n"
+
+
+def dashboards_lines(dash: dict | None) -> list[str]:
+    """The dashboards section: per chapter, slider → done and the redraws; chapter 1's E move and lever ablation."""
+    if not dash or "chapters" not in dash:
+        return []
+    lines = ["", "## Dashboards end to end, kernel side (bench/dashboards.py)", "", dash["what"] + ".", ""]
+    lines += _table(["dashboard", "steps", "k slider → done (debounce incl.)", "debounce fired → done",
+                     "fired → first redraw", "redraws/s", "probes", "CPU s (all threads)"],
+                    [[name, c["steps"], fmt_stats(c["change_to_done_s"]), fmt_stats(c["fire_to_done_s"]),
+                      f"{c['first_redraw_s']['median_s'] * 1e3:.0f} ms", f"{c['redraws_per_s']['median_s']:.1f}",
+                      fmt_s(c["probes_s"]["median_s"]), fmt_s(c["cpu_s"]["median_s"]) if "cpu_s" in c else "–"]
+                     for name, c in dash["chapters"].items()])
+    e = dash.get("chapter1_E_move")
+    if e:
+        lines += ["", f"Chapter 1, E 8 → 7 (its dense baseline trained anew too): debounce fired → done "
+                      f"{fmt_stats(e['fire_to_done_s'])}."]
+    lm = dash.get("chapter2_lm")
+    if lm and "skipped" not in lm:
+        lines += ["", f"Chapter 2's transformer dashboard ({lm['steps_total']} steps): debounce fired → first redraw "
+                      f"{fmt_stats(lm['first_redraw_s'])}; {lm['steps_per_s']['median_s']:.1f} steps/s "
+                      f"(min {lm['steps_per_s']['min_s']:.1f}) over {lm['window_s']:g} s of training."]
+    elif lm:
+        lines += ["", f"Chapter 2's transformer dashboard: not measured ({lm['skipped']})."]
+    if dash.get("ablation"):
+        lines += ["", "Chapter 1's levers, k slider, interleaved in one process (medians):", ""]
+        lines += _table(["levers", "fired → done", "first redraw", "redraws/s", "probes", "CPU s (all threads)"],
+                        [[r["levers"], fmt_s(r["fire_to_done_s"]), f"{r['first_redraw_s'] * 1e3:.0f} ms",
+                          f"{r['redraws_per_s']:.1f}", fmt_s(r["probes_s"]),
+                          fmt_s(r["cpu_s"]) if "cpu_s" in r else "–"] for r in dash["ablation"]])
+    return lines
+
+
+def copy_browser_timings(out: Path, source: Path = BROWSER_JSON) -> Path | None:
+    """Copy the browser test's latency JSON into the results folder (None when the test has not run here)."""
+    if not source.exists():
+        return None
+    data = json.loads(source.read_text())
+    data.setdefault("source", "tests/browser/test_chapter1_browser.py")
+    dest = out / BROWSER_RESULT
+    tmp = dest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, dest)
+    return dest
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -261,6 +318,10 @@ def main(argv=None) -> int:
     finally:
         torch.set_num_threads(before)
     print(f"total {time.perf_counter() - t_all:.1f} s; results in {out}")
+    if "dashboards" in args.only and not args.quick:
+        copied = copy_browser_timings(out)
+        print(f"copied {BROWSER_JSON} → {copied}" if copied else
+              f"no {BROWSER_JSON}: run tests/browser/test_chapter1_browser.py for the browser side")
     if not args.no_book:
         sys.path.insert(0, str(common.REPO / "tools"))
         import make_performance_figure as page

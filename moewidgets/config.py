@@ -20,14 +20,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from .budget import MAX_SEED
 
 __all__ = ["MoEConfig", "TaskConfig", "TrainConfig", "RunConfig", "ARCHS", "ROUTERS", "EXPERTS", "GATES", "KMEANS_MODES"]
 
 ARCHS = ("moe", "dense", "dense_active")   # dense = parameter-matched (hidden E·m), dense_active = k·m
 ROUTERS = ("softmax", "kmeans", "mpi")
-EXPERTS = ("gelu", "swiglu")
+EXPERTS = ("gelu", "relu", "swiglu")
 GATES = ("softmax", "renorm")
 KMEANS_MODES = ("ema", "cumulative")
 
@@ -45,7 +48,13 @@ def _check_int(cls: str, name: str, value: Any, lo: int, hi: int | None = None, 
 
 
 def _check_float(cls: str, name: str, value: Any, *, positive: bool = False, nonneg: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(cls, name, value, "a finite number")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:                 # an int beyond float range
+        finite = False
+    if not finite:
         _fail(cls, name, value, "a finite number")
     if positive and not value > 0:
         _fail(cls, name, value, "> 0")
@@ -53,8 +62,15 @@ def _check_float(cls: str, name: str, value: Any, *, positive: bool = False, non
         _fail(cls, name, value, ">= 0")
 
 
+def check_device(cls: str, value: Any, name: str = "device") -> None:
+    """A device string: 'auto', 'cpu', 'cuda', 'cuda:N' (N a non-negative integer) or 'mps'."""
+    if not isinstance(value, str) or not (value in ("auto", "cpu", "cuda", "mps")
+                                          or re.fullmatch(r"cuda:[0-9]{1,4}", value)):
+        _fail(cls, name, value, "'auto', 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'mps'")
+
+
 def _check_choice(cls: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         _fail(cls, name, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
@@ -69,8 +85,10 @@ class _JSONMixin:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__}: expected a mapping of fields, got {type(d).__name__} {d!r:.80}")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=repr)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed fields are {sorted(names)}")
         return cls(**d)
@@ -135,7 +153,7 @@ class MoEConfig(_JSONMixin):
         _check_choice(c, "gate", self.gate, GATES)
         for name in ("aux_weight", "z_weight", "lf_rate"):
             _check_float(c, name, getattr(self, name), nonneg=True)
-        _check_int(c, "seed", self.seed, 0)
+        _check_int(c, "seed", self.seed, 0, MAX_SEED)
         _check_choice(c, "arch", self.arch, ARCHS)
         _check_float(c, "mpi_scale", self.mpi_scale, positive=True)
         _check_int(c, "mpi_steps", self.mpi_steps, 1, 100)
@@ -219,10 +237,7 @@ class TrainConfig(_JSONMixin):
         _check_float(c, "lr", self.lr, positive=True)
         _check_float(c, "weight_decay", self.weight_decay, nonneg=True)
         _check_choice(c, "schedule", self.schedule, ("constant", "cosine"))
-        if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
-        ):
-            _fail(c, "device", self.device, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        check_device(c, self.device)
 
 
 @dataclass(frozen=True)
@@ -241,10 +256,18 @@ class RunConfig(_JSONMixin):
             raise ValueError(
                 f"RunConfig: task.d_in={self.task.d_in} must equal model.d_model={self.model.d_model}"
             )
+        from .budget import check_run
+        check_run(self)           # the library / CLI budget (moewidgets.budget); dashboards apply a stricter one
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        unknown = sorted(set(d) - {"model", "task", "train"})
+        if not isinstance(d, dict):
+            raise ValueError(f"RunConfig: expected a mapping with fields model, task, train, got "
+                             f"{type(d).__name__} {d!r:.80}")
+        for name, typ in (("model", MoEConfig), ("task", TaskConfig), ("train", TrainConfig)):
+            if name in d and not isinstance(d[name], dict):
+                _fail("RunConfig", name, d[name], f"a mapping of {typ.__name__} fields")
+        unknown = sorted(set(d) - {"model", "task", "train"}, key=repr)
         if unknown:
             raise ValueError(f"RunConfig: unknown field(s) {unknown}; allowed fields are ['model', 'task', 'train']")
         return cls(

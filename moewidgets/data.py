@@ -35,13 +35,23 @@ class TaskData:
         return TaskData(**moved)
 
 
-def _draw(cfg: TaskConfig, n: int, means_CD, teachers, g: torch.Generator):
+#: Points per chunk of the teacher evaluation: the per-point teacher weights are gathered ``DRAW_CHUNK`` points at
+#: a time (``DRAW_CHUNK·H·D`` numbers, 32 MiB at the defaults) instead of ``N·H·D`` at once (134 MB at the default
+#: n_train, linear in n_train). Each point's value is the same batched product as before, so the data are bitwise
+#: those of the unchunked draw (a test compares them); a per-cluster matmul would change the last bits.
+DRAW_CHUNK = 4096
+
+
+def _draw(cfg: TaskConfig, n: int, means_CD, teachers, g: torch.Generator, chunk: int = DRAW_CHUNK):
     c_N = torch.randint(cfg.n_clusters, (n,), generator=g)
     x_ND = means_CD[c_N] + cfg.noise * torch.randn(n, cfg.d_in, generator=g)
     B_CHD, beta_CH, A_COH = teachers
     t_N = torch.zeros_like(c_N) if cfg.shared_teacher else c_N
-    h_NH = torch.tanh(torch.einsum("nhd,nd->nh", B_CHD[t_N], x_ND) + beta_CH[t_N])
-    y_NO = torch.einsum("noh,nh->no", A_COH[t_N], h_NH)
+    y_NO = torch.empty(n, A_COH.shape[1], dtype=x_ND.dtype)
+    for s in range(0, n, chunk):           # y_n = A_{t_n} tanh(B_{t_n} x_n + β_{t_n}), chunk points at a time
+        t_n, x_nD = t_N[s:s + chunk], x_ND[s:s + chunk]
+        h_nH = torch.tanh(torch.einsum("nhd,nd->nh", B_CHD[t_n], x_nD) + beta_CH[t_n])
+        y_NO[s:s + chunk] = torch.einsum("noh,nh->no", A_COH[t_n], h_nH)
     return x_ND, y_NO, c_N
 
 

@@ -1,19 +1,23 @@
 """The claims ledger: every checkable claim of the four papers, where the course tests it, and its verdict.
 
 Each claim id of the paper specs (``SC-1`` … ``SC-8`` with ``SC-1b``, ``GA-1`` … ``GA-7``, ``RC-a`` … ``RC-g``,
-``MPI-a`` … ``MPI-i``) has one entry in :data:`CLAIMS`: the paper, a one-line statement (ours), the chapter whose
-claim runs test it, the metrics, and the command that produces the evidence. :func:`ledger` reads the committed
-claim runs (``book/results/CHAPTER.jsonl``, written by ``python -m moewidgets reproduce CHAPTER``), renders each
-chapter's claims table with its own claims function (``moewidgets.reproduce.CHAPTERS[chapter].claims``), and
-counts, per claim id, how many comparison rows hold under the pass rule (:data:`PASS_RULE`).
+``MPI-a`` … ``MPI-i``) is declared once, by the chapter that tests it (``CLAIMS`` of
+``moewidgets.reproduce.chapterN``: statement, metrics, predicted sign, paper reference); :data:`CLAIMS` is
+generated from those declarations (plus GA-7, which needs pretrained checkpoints). :func:`ledger` reads the
+committed claim runs (``book/results/CHAPTER.jsonl``), renders each chapter's claims table with its own claims
+function (``moewidgets.reproduce.CHAPTERS[chapter].claims``), and gives each claim the verdict of
+:func:`moewidgets.reproduce.common.claim_verdict` on its rows: the same rows and the same function as the chapter.
+Only rows with role "decides" count; "ours" and "context" rows are shown in the chapters and never counted.
 
 Verdicts (:data:`VERDICTS`)::
 
-    holds            every comparison row of the claim holds
-    partly           some rows hold, some do not
-    fails            no row holds
-    not run          no committed results for its chapter, or no row for the claim in them
-    untestable here  needs what the course cannot run (pretrained checkpoints): the command says how
+    holds               every deciding row holds
+    partly              some rows hold, some fail
+    fails               every deciding row was decided and none holds
+    inconclusive        rows on arms not shown to have converged (and none both holds and fails)
+    insufficient seeds  rows with fewer seeds than the pass rule needs (10 per MLP arm, 5 per LM arm)
+    not run             no committed results for its chapter, or no deciding row for the claim in them
+    untestable here     needs what the course cannot run (pretrained checkpoints): the command says how
 
 The claims ledger (book/ledger.ipynb).
 """
@@ -23,18 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .reproduce import CHAPTERS, RESULTS_DIR, ClaimResult, load_results
+import json
+
+from .reproduce import CHAPTERS, ClaimResult, claim_verdict, load_results, results_dir
+from .reproduce.common import CLAIM_VERDICTS, MIN_SEEDS_LM, MIN_SEEDS_MLP, PASS_TEST
 
 __all__ = ["PASS_RULE", "VERDICTS", "PAPERS", "Paper", "Claim", "CLAIMS", "LedgerRow", "verdict",
-           "ledger_from_results", "ledger", "ledger_table", "ledger_markdown", "ledger_pending"]
+           "ledger_from_results", "ledger", "ledger_table", "ledger_markdown", "ledger_pending", "ledger_models"]
 
-#: The pass rule of one comparison row, in words (moewidgets.reproduce.common implements it).
-PASS_RULE = ("a comparison row holds when the paired per-seed difference A − B has the predicted sign in at least "
-             "80 % of the seeds (4 of 5) and its 95 % bootstrap CI over seeds excludes 0; separately, each row says "
-             "whether its arms were shown to have converged (final loss within a stated margin of a run 4× longer, "
-             "e.g. probe MSE within 0.5 % of Var(y))")
+#: The pass rule of one comparison row, in words (moewidgets.reproduce.common.pass_rule implements it).
+PASS_RULE = (f"a comparison row holds when at least 80 % of the seeds have the predicted sign of the paired "
+             f"difference A − B and a {PASS_TEST} rejects 0; with fewer than {MIN_SEEDS_MLP} seeds per MLP arm "
+             f"({MIN_SEEDS_LM} per LM arm) it reads \"insufficient seeds\", and on an arm not shown to have "
+             f"converged (final loss within a stated margin of a longer run, in either direction) \"inconclusive\"")
 #: The verdicts, best first.
-VERDICTS = ("holds", "partly", "fails", "not run", "untestable here")
+VERDICTS = CLAIM_VERDICTS
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,8 @@ class Claim:
         chapter    the chapter whose claim runs test it ("chapter1", ...), or None (untestable here)
         metrics    what is compared
         command    what a reader runs to produce the evidence
+        sign       the predicted sign of its deciding rows, in words
+        reference  where the paper notes define it
     """
 
     id: str
@@ -93,6 +102,8 @@ class Claim:
     chapter: str | None
     metrics: str
     command: str
+    sign: str = ""
+    reference: str = ""
 
 
 def _reproduce(chapter: str) -> str:
@@ -117,81 +128,25 @@ for L, block in moe_blocks(model).items():
     print(L, res.summary.summary())"""
 
 
-def _claim(id_: str, statement: str, chapter: str | None, metrics: str, command: str | None = None) -> Claim:
-    paper = PAPERS[id_.split("-")[0]].short
-    return Claim(id_, paper, statement, chapter, metrics, command or _reproduce(chapter))
+_PREFIX_ORDER = ("SC", "GA", "RC", "MPI")
 
 
-#: Every claim id of the paper specs, in spec order (paper, then id).
-CLAIMS: tuple[Claim, ...] = (
-    # Liu, soft clustering (spec §1.6): chapter 1 (controlled MLP-MoE); SC-7/SC-8 need the 3-layer transformer.
-    _claim("SC-1", "an expert's own Jacobian has a smaller top singular value than a dense net's", "chapter1",
-           "gate-weighted mean σ1 of J_i vs dense (param- and active-matched)"),
-    _claim("SC-1b", "the whole MoE layer is less sensitive than a dense net", "chapter1",
-           "mean σ1 of the layer Jacobian J_f vs dense J_D"),
-    _claim("SC-2", "expert Jacobian spectra decay faster than a dense net's", "chapter1",
-           "stable rank (lower), power-law decay exponent α (higher)"),
-    _claim("SC-3", "expert outputs spread over more directions than a dense net's", "chapter1",
-           "entropy effective rank of the gate-weighted PCA of H-out"),
-    _claim("SC-4", "the experts' mean Jacobians are nearly orthogonal", "chapter1",
-           "mean |A_ij| vs split-half ceiling and dense pseudo-experts"),
-    _claim("SC-5", "sharper routing gives lower-rank expert structure", "chapter1",
-           "PCA effective rank and stable rank over top-1 → 2 → 4 → soft"),
-    _claim("SC-6", "the MoE–dense gaps come from training, not from the architecture", "chapter1",
-           "gap to dense after training vs at initialisation"),
-    _claim("SC-7", "in a 3-layer transformer, MoE FFN experts are less sensitive than a dense FFN", "chapter2",
-           "mean σ1 of expert-FFN Jacobians vs the dense FFN, per layer"),
-    _claim("SC-8", "in a 3-layer transformer, top-2 experts are less aligned than fully soft ones", "chapter2",
-           "mean |A_ij| per layer, top-2 vs soft"),
-    # Liu, geometric asymmetry (spec §2.6): chapter 2; GA-7 needs pretrained checkpoints.
-    _claim("GA-1", "trained experts' Jacobians are nearly decorrelated", "chapter2",
-           "mean |cos_F| of mean Jacobians, co-selected per-token cosine, vs split-half ceiling"),
-    _claim("GA-2", "the experts' routed input subspaces are distinct", "chapter2",
-           "between-expert Grassmann distance vs same-expert split-half floor (and random groups)"),
-    _claim("GA-3", "… but partially overlapping", "chapter2",
-           "between-expert distance vs random-subspace references; overlap ov vs r/D"),
-    _claim("GA-4", "decorrelated functions on overlapping inputs: the asymmetry", "chapter2",
-           "functional vs representational side on one scale (Fz vs Rz)"),
-    _claim("GA-5", "sparser routing separates the experts' functions more", "chapter2",
-           "mean |A_ij| over top-1, top-2, top-4, soft (paired over seeds)"),
-    _claim("GA-6", "sparser routing separates the experts' subspaces more", "chapter2",
-           "mean between-expert geodesic distance, gate-weighted PCA"),
-    _claim("GA-7", "GA-1 … GA-4 also hold in Mixtral-8x7B and Qwen1.5-MoE-A2.7B", None,
-           "as GA-1 … GA-4, in every layer", _GA7_COMMAND),
-    # Ahrac, Hochwald, Geva (spec §1.12): chapter 3.
-    _claim("RC-a", "a selected expert's router row and input weights get gradients parallel to the token", "chapter3",
-           "1 − |cos(gradient row, x)|; output-side cosine; unselected rows"),
-    _claim("RC-b", "under plain SGD those rows stay in the span of their routed tokens", "chapter3",
-           "relative residual of the update outside the routed span (SGD vs AdamW)"),
-    _claim("RC-c", "an auxiliary balance loss moves every router row, within the batch's span", "chapter3",
-           "aux gradient residual outside own routed span vs outside the batch span"),
-    _claim("RC-d", "with the aux loss the router rows become more alike (paper ≈ 3×)", "chapter3",
-           "row similarity S_abs, S_signed: aux vs no balancing and loss-free"),
-    _claim("RC-e", "a higher router score predicts a stronger expert activation", "chapter3",
-           "Spearman ρ(score, mean |SiLU(W_g x)|) vs permuted-expert null"),
-    _claim("RC-f", "the online K-Means router balances load best, at a modest loss cost", "chapter3",
-           "MaxVio (global, batch), load std, probe MSE: K-Means vs loss-free vs aux"),
-    _claim("RC-g", "a router row points to the mean of the tokens it routes", "chapter3",
-           "cos(r_i, own routed mean) vs other experts' means"),
-    # Wu, Lv, Xie, Lin (spec §2.10): chapter 4.
-    _claim("MPI-a", "the MPI power step is a retracted Riemannian gradient step", "chapter4",
-           "relative error between the two steps (float64)"),
-    _claim("MPI-b", "repeated power steps reach the top singular vector at rate (σ2/σ1)²", "chapter4",
-           "min |cos(r, v1)| after 200 steps; per-step rate error"),
-    _claim("MPI-c", "at initialisation MPI rows align better with the experts than a plain router's", "chapter4",
-           "alignment λ(R'), |cos(R'_i, v1)| at init"),
-    _claim("MPI-d", "the alignment gap survives training (≥ 0.2 in λ)", "chapter4",
-           "λ(R'), |cos(R'_i, v1)| after training"),
-    _claim("MPI-e", "equal row norms give better load balance", "chapter4",
-           "row-norm error; MaxVio (global, batch) vs the plain router"),
-    _claim("MPI-f", "MPI does not cost loss (paper: slightly lower)", "chapter4", "probe MSE vs the plain router"),
-    _claim("MPI-g", "one power step per forward is enough; ten cost more and do not help", "chapter4",
-           "probe MSE and time per step, 10 steps vs 1"),
-    _claim("MPI-h", "the power step is cheap, and precomputing R' makes inference identical", "chapter4",
-           "time ratio to the plain router; logit error of precomputed R'"),
-    _claim("MPI-i", "detaching W in the power step changes loss and alignment (ours)", "chapter4",
-           "probe MSE, λ(R'): detached vs official"),
-)
+def _claims() -> tuple[Claim, ...]:
+    """Every claim, generated from the chapters' declarations (plus GA-7), in spec order: paper, then the order
+    the chapters declare them (chapter 1 before chapter 2)."""
+    out = []
+    for chapter in sorted(CHAPTERS):
+        for spec in CHAPTERS[chapter].declared:
+            out.append(Claim(spec.id, PAPERS[spec.id.split("-")[0]].short, spec.statement, chapter, spec.metrics,
+                             _reproduce(chapter), spec.sign, spec.reference))
+    out.append(Claim("GA-7", PAPERS["GA"].short, "GA-1 … GA-4 also hold in Mixtral-8x7B and Qwen1.5-MoE-A2.7B", None,
+                     "as GA-1 … GA-4, in every layer", _GA7_COMMAND, "as GA-1 … GA-4",
+                     "dual-jacobian-pca-and-grassmann.md §2.6"))
+    return tuple(sorted(out, key=lambda c: _PREFIX_ORDER.index(c.id.split("-")[0])))
+
+
+#: Every claim id of the paper specs, in spec order (paper, then id), generated from the chapters' declarations.
+CLAIMS: tuple[Claim, ...] = _claims()
 
 _BY_ID: dict[str, Claim] = {c.id: c for c in CLAIMS}
 
@@ -204,11 +159,11 @@ class LedgerRow:
 
         claim        the Claim (id, paper, statement, chapter, metrics, command)
         verdict      one of VERDICTS
-        n_rows       comparison rows in its chapter's claims table
-        n_hold       rows that hold (pass rule)
-        n_converged  rows whose compared arms are shown to have converged
+        n_rows       deciding comparison rows in its chapter's claims table (role "decides")
+        n_hold       deciding rows that hold (pass rule)
+        n_converged  deciding rows whose compared arms are shown to have converged
         note         why it is not run / untestable ("" when it ran)
-        results      its ClaimResult rows, in the chapter's order
+        results      all its ClaimResult rows (deciding, ours, context), in the chapter's order
     """
 
     claim: Claim
@@ -226,11 +181,11 @@ class LedgerRow:
 
 
 def verdict(results: Sequence[ClaimResult], testable: bool = True) -> str:
-    """The verdict of one claim from its comparison rows: "holds" (all hold), "partly" (some), "fails" (none),
-    "not run" (no rows), "untestable here" (``testable=False``, whatever the rows).
+    """The verdict of one claim from its comparison rows: :func:`moewidgets.reproduce.common.claim_verdict` (the
+    chapters' rule: only rows with role "decides" count), or "untestable here" (``testable=False``).
 
     >>> from moewidgets.reproduce import ClaimResult
-    >>> row = lambda ok: ClaimResult("X-1", "", "m", "a", "b", 1.0, 0.1, 0.0, 0.1, 5, 5, (0.5, 1.5), ok, True)
+    >>> row = lambda ok: ClaimResult("X-1", "", "m", "a", "b", 1.0, 0.1, 0.0, 0.1, 10, 10, (0.5, 1.5), ok, True)
     >>> verdict([row(True), row(True)]), verdict([row(True), row(False)]), verdict([row(False)]), verdict([])
     ('holds', 'partly', 'fails', 'not run')
 
@@ -238,10 +193,7 @@ def verdict(results: Sequence[ClaimResult], testable: bool = True) -> str:
     """
     if not testable:
         return "untestable here"
-    if not results:
-        return "not run"
-    n_hold = sum(bool(r.holds) for r in results)
-    return "holds" if n_hold == len(results) else "partly" if n_hold else "fails"
+    return claim_verdict(results)
 
 
 def ledger_from_results(results: Mapping[str, Sequence[ClaimResult]]) -> list[LedgerRow]:
@@ -251,7 +203,7 @@ def ledger_from_results(results: Mapping[str, Sequence[ClaimResult]]) -> list[Le
     raises a ValueError (the ledger must list every claim a chapter tests).
 
     >>> from moewidgets.reproduce import ClaimResult
-    >>> ok = ClaimResult("MPI-a", "", "m", "a", "1e-10", 1e-13, 0.0, 1e-10, 0.0, 5, 5, (-1e-10, -1e-10), True, True)
+    >>> ok = ClaimResult("MPI-a", "", "m", "a", "1e-10", 1e-13, 0.0, 1e-10, 0.0, 10, 10, (-1e-10, -1e-10), True, True)
     >>> rows = {r.id: r for r in ledger_from_results({"chapter4": [ok]})}
     >>> rows["MPI-a"].verdict, rows["MPI-b"].verdict, rows["RC-a"].verdict, rows["GA-7"].verdict
     ('holds', 'not run', 'not run', 'untestable here')
@@ -272,18 +224,22 @@ def ledger_from_results(results: Mapping[str, Sequence[ClaimResult]]) -> list[Le
     out = []
     for claim in CLAIMS:
         rows = tuple(by_id.get(claim.id, ()))
+        deciding = [r for r in rows if r.role == "decides"]
         if claim.chapter is None:
             note = "needs pretrained checkpoints and a large GPU"
-        elif rows:
+        elif deciding:
             note = ""
+        elif rows:
+            note = f"{claim.chapter}'s claims table has only ours/context rows for {claim.id} (its metrics are new)"
         elif claim.chapter in results:
             note = f"{claim.chapter}'s claims table has no row for {claim.id}"
         elif claim.chapter not in CHAPTERS:
             note = f"not yet run: {claim.chapter} has no claim runs yet"
         else:
             note = f"not yet run: book/results/{claim.chapter}.jsonl is not committed"
-        out.append(LedgerRow(claim, verdict(rows, testable=claim.chapter is not None), len(rows),
-                             sum(bool(r.holds) for r in rows), sum(bool(r.converged) for r in rows), note, rows))
+        out.append(LedgerRow(claim, verdict(rows, testable=claim.chapter is not None), len(deciding),
+                             sum(bool(r.holds) for r in deciding), sum(bool(r.converged) for r in deciding), note,
+                             rows))
     return out
 
 
@@ -302,10 +258,10 @@ def ledger(results_dir: str | Path | None = None) -> list[LedgerRow]:
 
     The claims ledger (book/ledger.ipynb).
     """
-    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    folder = Path(results_dir) if results_dir is not None else _default_results_dir()
     if not folder.is_dir():
         raise ValueError(f"results_dir={str(results_dir)!r} is not a directory: pass the folder holding "
-                         f"CHAPTER.jsonl files (default: {RESULTS_DIR})")
+                         f"CHAPTER.jsonl files (default: $MOEWIDGETS_RESULTS or the repository's book/results)")
     results: dict[str, list[ClaimResult]] = {}
     for chapter in sorted({c.chapter for c in CLAIMS if c.chapter in CHAPTERS}):
         if not (folder / f"{chapter}.jsonl").exists():
@@ -314,6 +270,38 @@ def ledger(results_dir: str | Path | None = None) -> list[LedgerRow]:
         if rows:
             results[chapter] = CHAPTERS[chapter].claims(rows)
     return ledger_from_results(results)
+
+
+def _default_results_dir() -> Path:
+    return results_dir()
+
+
+def ledger_models(results_dir: str | Path | None = None) -> dict[str, int]:
+    """How many distinct trained models the committed claim runs hold, each model counted once: a model is its
+    run config and seed (chapter 2's MLP arms are chapter 1's models, trained again with other probes: counted
+    once). Returns ``{chapter: models first seen there, ..., "total": all distinct}``; convergence runs included.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as empty:
+    ...     ledger_models(empty)
+    {'total': 0}
+    """
+    folder = Path(results_dir) if results_dir is not None else _default_results_dir()
+    seen: set[str] = set()
+    out: dict[str, int] = {}
+    for chapter in sorted(CHAPTERS):
+        if not (folder / f"{chapter}.jsonl").exists():
+            continue
+        n = 0
+        for r in load_results(chapter, folder):
+            cfg = r.get("config", {})
+            key = json.dumps(cfg.get("run") or cfg.get("lm") or cfg, sort_keys=True) + f"|{r.get('seed')}"
+            if key not in seen:
+                seen.add(key)
+                n += 1
+        out[chapter] = n
+    out["total"] = len(seen)
+    return out
 
 
 def _count(n: int, total: int, ran: bool) -> str:

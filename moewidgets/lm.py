@@ -111,19 +111,26 @@ class LMConfig(_JSONMixin):
         _check_choice(c, "schedule", self.schedule, ("constant", "cosine"))
         _check_float(c, "weight_decay", self.weight_decay, nonneg=True)
         _check_float(c, "grad_clip", self.grad_clip, nonneg=True)
-        if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
-        ):
-            _fail(c, "device", self.device, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        _check_int(c, "seed", self.seed, 0)
+        from .budget import MAX_SEED, check_lm
+        from .config import check_device
+        check_device(c, self.device)
+        _check_int(c, "seed", self.seed, 0, MAX_SEED)
         if self.moe.seed != self.seed:      # one seed per run: the FFNs are drawn from the LM's generator
             object.__setattr__(self, "moe", self.moe.replace(seed=self.seed))
+        check_lm(self)                      # the library / CLI budget (moewidgets.budget)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LMConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"LMConfig: expected a mapping of fields, got {type(d).__name__} {d!r:.80}")
         d = dict(d)
         if isinstance(d.get("moe"), dict):
-            d["moe"] = MoEConfig.from_dict(d["moe"])
+            try:
+                d["moe"] = MoEConfig.from_dict(d["moe"])
+            except ValueError as exc:
+                raise ValueError(f"LMConfig.moe: {exc}") from None
+        elif "moe" in d and not isinstance(d["moe"], MoEConfig):
+            _fail("LMConfig", "moe", d["moe"], "a mapping of MoEConfig fields")
         return super().from_dict(d)
 
     @classmethod

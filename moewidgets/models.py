@@ -1,6 +1,6 @@
 """Models: the controlled MLP-MoE of chapter 1 (a square MoE layer D → D and a linear read-out).
 
-Shape legend: T tokens (points), D model width, O output width.
+Shape legend: S seeds (a seed group's leading axis), T tokens (points), D model width, O output width.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .nn.experts import fan_in_uniform_
 from .nn.layer import MoELayer, MoEOutput, make_layer
 from .nn.routers import RouterOutput
 
-__all__ = ["ModelOutput", "MLPMoE", "build_model"]
+__all__ = ["ModelOutput", "MLPMoE", "build_model", "readout"]
 
 
 @dataclass
@@ -26,6 +26,17 @@ class ModelOutput:
     aux_loss: torch.Tensor
     routing: RouterOutput | None
     h_TD: torch.Tensor
+
+
+def readout(w_ro_OD: torch.Tensor, b_ro_O: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+    """The linear read-out ``pred = W_ro y + b_ro``, (T, O); with a seed axis (S, T, D) → (S, T, O).
+
+    >>> readout(torch.eye(2), torch.ones(2), torch.zeros(3, 2)).tolist()
+    [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
+    """
+    if y_TD.dim() == 3:
+        return torch.baddbmm(b_ro_O.unsqueeze(1), y_TD, w_ro_OD.transpose(1, 2))
+    return torch.addmm(b_ro_O, y_TD, w_ro_OD.T)
 
 
 class MLPMoE(nn.Module):
@@ -50,7 +61,7 @@ class MLPMoE(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> ModelOutput:
         out: MoEOutput = self.layer(x_TD)
-        pred_TO = torch.addmm(self.b_ro_O, out.y_TD, self.w_ro_OD.T)
+        pred_TO = readout(self.w_ro_OD, self.b_ro_O, out.y_TD)
         return ModelOutput(pred_TO, out.aux_loss, out.routing, out.y_TD)
 
     def moe_layers(self) -> list[nn.Module]:

@@ -1,7 +1,8 @@
 """Several seeds of one config trained at once, each as its own :class:`~moewidgets.train.Trainer` run would be.
 
 Shape legend: S seeds, B batch tokens, N training points, D model width, F expert hidden width, E experts,
-K top-k, O output width, G = S·E (seed, expert) groups, P = S·B·K (token, slot) pairs, C tokens per group (padded).
+K top-k, O output width, G = S·E (seed, expert) groups, P = S·B·K (token, slot) pairs, C capacity: tokens per group (padded),
+T = S·B tokens of all seeds, M = n·B batch rows of n steps drawn at once (pooled).
 
 Claim runs train every arm over several seeds, and they do it here: :mod:`moewidgets.reproduce` trains each MLP
 arm's seeds as one seed group on this trainer (a :class:`~moewidgets.sweep.Job` with ``seeds``). At widget sizes
@@ -9,18 +10,19 @@ one step of one seed costs its ≈ 110 torch ops (≈ 4 µs each) more than its 
 set of ops: every parameter of the S models
 gets a leading seed axis (``w_in_SEFD`` …) and the forward is the layer's maths with that one more batch axis:
 
-* softmax router ``z_s = W_r[s] x + b_r[s]`` (one ``baddbmm``); MPI router rows ``R'_s`` from
-  :func:`~moewidgets.nn.routers.mpi_rows` on the S·E rows at once; K-Means router cosines against each seed's
-  centroids ``C_s`` (S, E, D), moved after each training forward by sums over the S·E (seed, expert) groups;
-  ``p = softmax(z / τ)`` and :func:`~moewidgets.nn.routers.select_topk` on the S·B rows (seed s's loss-free bias
-  added on its rows);
+* the router's logits from its ``logits_with`` on the stacked tensors (:mod:`moewidgets.nn.functional`): softmax
+  ``z_s = W_r[s] x + b_r[s]`` (one ``baddbmm``); MPI rows ``R'_s`` from :func:`~moewidgets.nn.functional.mpi_rows`
+  on the S·E rows at once; K-Means cosines against each seed's centroids ``C_s`` (S, E, D), moved after each
+  training forward by :func:`~moewidgets.nn.functional.kmeans_update` over the S·E (seed, expert) groups;
+  then :func:`~moewidgets.nn.functional.route` (``p = softmax(z / τ)``, top-k on the S·B rows with seed s's
+  loss-free bias on its rows, gates, per-seed aux and z losses);
 * dispatch ``"dense"``: every expert of seed s on every token of seed s (batched einsums); or ``"gather"``: the
-  S·E (seed, expert) pairs are the G groups of one bank, the P pairs sorted by group once for all seeds, each
-  group through its expert without padding (``torch.nn.functional.grouped_mm``, "ragged") or padded to the
-  largest group (one ``bmm``);
+  S·E (seed, expert) pairs are the G groups of one bank (:func:`~moewidgets.nn.functional.combine_gather`), the
+  P pairs sorted by group once for all seeds, each group through its expert without padding
+  (``torch.nn.functional.grouped_mm``, "ragged") or padded to the largest group (one ``bmm``);
 * per-seed losses ``L_s = mean‖pred_s − y_s‖² / O + L_aux,s`` and one ``backward`` of ``Σ_s L_s`` (seed s's
   weights only see ``L_s``); one fused AdamW step over the stacked weights (Adam is elementwise: S AdamW
-  steps); loss-free bias updates per seed.
+  steps); loss-free bias updates per seed (:func:`~moewidgets.balance.loss_free_update` with the seed axis).
 
 Why an explicit seed axis rather than ``torch.func.vmap`` over ``functional_call``: the gather path pads to a
 data-dependent ``C = max count``, which ``vmap`` cannot batch, so ``vmap`` is stuck with dense dispatch (E/K
@@ -57,18 +59,16 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from .balance import expert_counts
+from .balance import expert_counts, loss_free_update
 from .config import RunConfig
 from .data import TaskData, make_task
-from .models import MLPMoE, build_model
-from .nn.experts import ragged_available, ragged_expert_outputs
-from .nn.layer import DISPATCHES, choose_dispatch, gather_combine
-from .nn.routers import mpi_rows, select_topk
+from .models import MLPMoE, build_model, readout
+from .nn import functional as fn
+from .nn.experts import ragged_available
+from .nn.layer import DISPATCHES, choose_dispatch
 from .train import History, NonFiniteLossError, batch_generator, cosine_lr, make_adamw, resolve_device
 
 __all__ = ["MultiSeedTrainer", "SeedResult", "train_seeds", "ragged_available"]
-
-MULTISEED_ROUTERS = ("softmax", "mpi", "kmeans")
 
 
 @dataclass
@@ -98,6 +98,7 @@ class SeedResult:
 @dataclass
 class _StackedOutput:
     """The batched forward: ``pred_SBO`` (S, B, O), weighted ``aux_S`` (S,), ``idx_SBK`` (S, B, K) or None (dense)."""
+
 
     pred_SBO: torch.Tensor
     aux_S: torch.Tensor
@@ -129,13 +130,16 @@ class MultiSeedTrainer:
         ragged: the gather path without padding (:func:`ragged_available`; ``None``: whenever available) or
             with every group padded to the largest (``False``); same numbers either way.
 
-    Routers "softmax", "mpi" and "kmeans", archs "moe", "dense" and "dense_active", experts "gelu" and "swiglu".
+    Every router, balancing knob, arch and expert activation of :class:`~moewidgets.config.MoEConfig`: the
+    forward is seed 0's layer's own functions (``router.logits_with``, ``route_with``, ``prepare_with``,
+    ``update_with`` and :mod:`moewidgets.nn.functional`) applied to the stacked tensors.
 
     Attributes: ``seeds``; ``histories`` (one :class:`~moewidgets.train.History` per seed); ``errors`` (seed →
     :class:`~moewidgets.train.NonFiniteLossError` of a stopped seed); ``data`` (one
     :class:`~moewidgets.data.TaskData` per seed); ``params`` (state-dict name → the (S, …) stacked parameter,
-    e.g. ``params["layer.experts.w_in_EFD"]`` is ``w_in_SEFD``); ``lf_bias_SE`` (loss-free biases, or None for a
-    dense arch); ``centroids_SED``, ``km_counts_SE`` (the K-Means router's state, ``router="kmeans"`` only);
+    e.g. ``params["layer.experts.w_in_EFD"]`` is ``w_in_SEFD``); ``buffers`` (state-dict name → the (S, …) stacked buffer, e.g. the
+    K-Means router's ``"layer.router.centroids_ED"``); ``lf_bias_SE`` (the loss-free biases, or None for a dense
+    arch);
     ``ragged`` (the gather path in use); ``wall_s`` (seconds spent in ``step``).
 
     >>> from moewidgets import MoEConfig, RunConfig, TaskConfig, TrainConfig
@@ -154,10 +158,6 @@ class MultiSeedTrainer:
             raise ValueError(f"run={run!r} must be a RunConfig")
         self.seeds = _check_seeds(seeds)
         cfg = run.model
-        if cfg.arch == "moe" and cfg.router not in MULTISEED_ROUTERS:
-            raise ValueError(f"run.model.router={cfg.router!r} is not supported by MultiSeedTrainer (allowed: "
-                             f"{', '.join(repr(r) for r in MULTISEED_ROUTERS)}); train it one seed at a time "
-                             "with moewidgets.train.Trainer")
         if cfg.arch == "moe" and cfg.router == "kmeans" and run.train.batch_size < cfg.n_experts:
             raise ValueError(f"run.train.batch_size={run.train.batch_size} must be >= n_experts={cfg.n_experts} "
                              "for router='kmeans' (its first batch initialises one centroid per expert)")
@@ -183,14 +183,22 @@ class MultiSeedTrainer:
             name: nn.Parameter(torch.stack([dict(m.named_parameters())[name].detach() for m in models]).to(self.device))
             for name, _ in models[0].named_parameters()
         }
-        self.lf_bias_SE = (torch.stack([m.layer.lf_bias_E for m in models]).to(self.device)
-                           if cfg.arch == "moe" else None)
-        self.kmeans = cfg.arch == "moe" and cfg.router == "kmeans"
-        if self.kmeans:          # the K-Means router's state per seed (buffers, no parameters)
-            self.centroids_SED = torch.stack([m.layer.router.centroids_ED for m in models]).to(self.device)
-            self.km_counts_SE = torch.stack([m.layer.router.counts_E for m in models]).to(self.device)
-            self.km_init_seeds = [m.layer.router.init_seed for m in models]
-            self.km_initialized = False
+        # every buffer (loss-free biases, a stateful router's state) stacked the same way, by state-dict name
+        self.buffers: dict[str, torch.Tensor] = {
+            name: torch.stack([dict(m.named_buffers())[name] for m in models]).to(self.device)
+            for name, _ in models[0].named_buffers()
+        }
+        self.lf_bias_SE = self.buffers.get("layer.lf_bias_E")
+        # the modules of seed 0 are the templates: their hyper-parameters and their functions of given tensors
+        self._layer = models[0].layer.to(self.device)
+        self._router = getattr(self._layer, "router", None)
+        if self._router is not None and not hasattr(self._router, "logits_with"):
+            raise ValueError(f"run.model.router={cfg.router!r}: {type(self._router).__name__} has no logits_with(...) "
+                             "(the router's logits as a function of given tensors), so its seeds cannot be stacked; "
+                             "train it one seed at a time with moewidgets.train.Trainer")
+        self._prepared = False          # the router's prepare_with ran on a training batch (it is then a no-op)
+        self._init_seeds = [getattr(m.layer, "router", None) and getattr(m.layer.router, "init_seed", None)
+                            for m in models]
         self.x_train_SND = torch.stack([d.x_train for d in self.data])
         self.y_train_SNO = torch.stack([d.y_train for d in self.data])
         for s, d in enumerate(self.data):          # one copy of the training set: each seed's is a view of the stack
@@ -226,146 +234,38 @@ class MultiSeedTrainer:
         c = self.cfg
         return choose_dispatch(n_tokens, c.n_experts, c.k, c.d_model, c.d_hidden, c.expert)
 
-    def _all_outputs(self, x_SBD: torch.Tensor) -> torch.Tensor:
-        """Every expert of seed s on every token of seed s, (S, B, E, D) (the bank's ``all_outputs`` per seed)."""
-        p = self.params
-        if self.cfg.expert == "gelu":
-            h_SBEF = torch.einsum("sbd,sefd->sbef", x_SBD, p["layer.experts.w_in_EFD"]) \
-                + p["layer.experts.b_in_EF"].unsqueeze(1)
-            return torch.einsum("sbef,sedf->sbed", F_.gelu(h_SBEF), p["layer.experts.w_out_EDF"]) \
-                + p["layer.experts.b_out_ED"].unsqueeze(1)
-        g_SBEF = torch.einsum("sbd,sefd->sbef", x_SBD, p["layer.experts.w_gate_EFD"])
-        u_SBEF = torch.einsum("sbd,sefd->sbef", x_SBD, p["layer.experts.w_up_EFD"])
-        return torch.einsum("sbef,sedf->sbed", F_.silu(g_SBEF) * u_SBEF, p["layer.experts.w_out_EDF"])
-
-    def _grouped_outputs(self, x_GCD: torch.Tensor) -> torch.Tensor:
-        """Group g = s·E + e through expert e of seed s: x_GCD (G, C, D) → (G, C, D) (the bank's
-        ``grouped_outputs`` over the S·E stacked experts)."""
-        w = self._expert_weights_G()
-        if self.cfg.expert == "gelu":
-            h_GCF = torch.baddbmm(w["b_in_EF"].unsqueeze(1), x_GCD, w["w_in_EFD"].transpose(1, 2))
-            return torch.baddbmm(w["b_out_ED"].unsqueeze(1), F_.gelu(h_GCF), w["w_out_EDF"].transpose(1, 2))
-        g_GCF = torch.bmm(x_GCD, w["w_gate_EFD"].transpose(1, 2))
-        u_GCF = torch.bmm(x_GCD, w["w_up_EFD"].transpose(1, 2))
-        return torch.bmm(F_.silu(g_GCF) * u_GCF, w["w_out_EDF"].transpose(1, 2))
-
-    def _expert_weights_G(self) -> dict[str, torch.Tensor]:
-        """The stacked expert weights with (seed, expert) flattened into G = S·E groups: (S, E, …) → (G, …)."""
-        names = (("w_in_EFD", "b_in_EF", "w_out_EDF", "b_out_ED") if self.cfg.expert == "gelu"
-                 else ("w_gate_EFD", "w_up_EFD", "w_out_EDF"))
-        return {n: self.params[f"layer.experts.{n}"].flatten(0, 1) for n in names}
-
-    def _combine_gather(self, x_SBD, gates_SBK, idx_SBK):
-        """:func:`~moewidgets.nn.layer.gather_combine` over G = S·E groups (group g = s·E + e is expert e of seed
-        s): the (token, slot) pairs of all seeds sorted by group once, each group through its expert."""
-        S, B, K = idx_SBK.shape
-        E, D = self.cfg.n_experts, x_SBD.shape[2]
-        gid_SBK = idx_SBK + E * torch.arange(S, device=x_SBD.device).view(S, 1, 1)      # (S, B, K) group ids
-        ragged = self._ragged_outputs if self.ragged else None
-        y_TD = gather_combine(x_SBD.reshape(S * B, D), gates_SBK.reshape(S * B, K), gid_SBK.reshape(S * B, K),
-                              S * E, self._grouped_outputs, ragged)                      # T = S·B tokens
-        return y_TD.view(S, B, D)
-
-    def _ragged_outputs(self, x_PD: torch.Tensor, g_sorted: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
-        """Slots sorted by group through their experts with no padding
-        (:func:`~moewidgets.nn.experts.ragged_expert_outputs` over the G = S·E stacked experts)."""
-        return ragged_expert_outputs(self.cfg.expert, self._expert_weights_G(), x_PD, g_sorted, offs_G)
-
-    def _combine_dense(self, x_SBD, gates_SBK, idx_SBK):
-        """``MoELayer._combine_dense`` per seed: every expert on every token, weighted by the (S, B, E) gates."""
-        y_SBED = self._all_outputs(x_SBD)
-        if idx_SBK.shape[2] == self.cfg.n_experts and self.cfg.lf_rate == 0:
-            g_SBE = gates_SBK                    # fully soft: slots are experts in index order (select_topk)
-        else:
-            g_SBE = gates_SBK.new_zeros(*gates_SBK.shape[:2], self.cfg.n_experts).scatter(2, idx_SBK, gates_SBK)
-        return torch.einsum("sbe,sbed->sbd", g_SBE, y_SBED)
-
-    def _logits_SEB(self, x_SBD: torch.Tensor) -> torch.Tensor:
-        """Router logits of every seed, laid out (S, E, B): a softmax over E is then a reduction across rows,
-        which torch vectorises along B (over a last dim of E = 8 it costs ≈ 6× more, per-row overhead)."""
-        p, c = self.params, self.cfg
-        x_SDB = x_SBD.transpose(1, 2)
-        if c.router == "kmeans":                                       # cosines s = x̂ Ĉᵀ
-            xn_SDB = F_.normalize(x_SBD.detach() if c.kmeans_detach else x_SBD, dim=-1).transpose(1, 2)
-            return torch.bmm(F_.normalize(self.centroids_SED, dim=-1), xn_SDB)
-        if c.router == "softmax":                                      # z = W_r x + b_r
-            return torch.baddbmm(p["layer.router.b_E"].unsqueeze(2), p["layer.router.w_ED"], x_SDB)
-        S, E, D = p["layer.router.r_ED"].shape                          # MPI: z = R' x, R' from the power step
-        w_name = "layer.experts.w_in_EFD" if c.expert == "gelu" else "layer.experts.w_gate_EFD"
-        rows_GD = mpi_rows(p["layer.router.r_ED"].reshape(S * E, D), p[w_name].flatten(0, 1),
-                           c.mpi_scale / math.sqrt(c.n_experts), c.mpi_steps, c.mpi_detach)
-        return torch.bmm(rows_GD.view(S, E, D), x_SDB)
+    def _group(self, prefix: str, table: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The stacked tensors under ``prefix`` (a submodule's state-dict names), keyed by their own names."""
+        return {name[len(prefix):]: t for name, t in table.items() if name.startswith(prefix)}
 
     def _forward(self, x_SBD: torch.Tensor, training: bool = False) -> _StackedOutput:
+        """The model's forward with a leading seed axis: the functions of :mod:`moewidgets.nn.functional` that
+        :class:`~moewidgets.nn.layer.MoELayer` calls, on the stacked weights (routing, combine, router state)."""
         c, p = self.cfg, self.params
         S, B, _ = x_SBD.shape
+        bank_w = self._group("layer.experts.", p)
         if c.arch == "moe":
-            if self.kmeans and not self.km_initialized:
-                if not training:
-                    raise RuntimeError("MultiSeedTrainer: the K-Means centroids are not initialised yet; run one "
-                                       "training step first")
-                self._kmeans_init(x_SBD)
-            logits_SEB = self._logits_SEB(x_SBD)
-            E = logits_SEB.shape[1]
-            scaled_SEB = logits_SEB / c.temperature
-            probs_SEB = torch.softmax(scaled_SEB, dim=1)
-            probs_TE = probs_SEB.transpose(1, 2).reshape(S * B, E)                      # T = S·B rows (a copy)
-            bias_TE = (self.lf_bias_SE.unsqueeze(1).expand(S, B, E).reshape(S * B, E)    # seed s's bias on its rows
-                       if c.lf_rate > 0 else None)
-            scaled_TE = scaled_SEB.transpose(1, 2).reshape(S * B, E) if c.gate == "renorm" else None
-            gates_TK, idx_TK = select_topk(probs_TE, c.k, c.gate, bias_TE, scaled_TE)
-            gates_SBK, idx_SBK = gates_TK.view(S, B, -1), idx_TK.view(S, B, -1)
-            aux_S = logits_SEB.new_zeros(S)
-            if c.aux_weight > 0:     # Switch aux loss per seed: E Σ_i f_i P_i (moewidgets.balance.switch_aux_loss)
-                ones = torch.ones_like(gates_SBK).view(S, -1)
-                f_SE = logits_SEB.new_zeros(S, E).scatter_add(1, idx_SBK.reshape(S, -1), ones) / idx_SBK[0].numel()
-                aux_S = aux_S + c.aux_weight * (E * (f_SE * probs_SEB.mean(2)).sum(-1))
-            if c.z_weight > 0:       # z-loss per seed: mean_t logsumexp(z_t)²
-                aux_S = aux_S + c.z_weight * torch.logsumexp(logits_SEB, dim=1).square().mean(-1)
-            combine = self._combine_dense if self.dispatch_path(S * B) == "dense" else self._combine_gather
-            y_SBD = combine(x_SBD, gates_SBK, idx_SBK)
-            if self.kmeans and training:        # as the layer does after a training forward: move the centroids
-                self._kmeans_update(x_SBD, idx_SBK)
+            router = self._router
+            r_params, r_buffers = self._group("layer.router.", p), self._group("layer.router.", self.buffers)
+            if not self._prepared and hasattr(router, "prepare_with"):     # e.g. K-Means: first batch → centroids
+                router.prepare_with(r_buffers, x_SBD, training, self._init_seeds)
+                self._prepared = training
+            logits_SEB = router.logits_with(r_params, r_buffers, bank_w, x_SBD)      # expert-major (S, E, B)
+            bias_SE = self.lf_bias_SE if c.lf_rate > 0 else None                       # selection only
+            routing = router.route_with(logits_SEB, bias_SE)
+            gates_SBK, idx_SBK = routing.gates_TK, routing.idx_TK
+            if self.dispatch_path(S * B) == "dense":
+                soft = idx_SBK.shape[2] == c.n_experts and c.lf_rate == 0
+                y_SBD = fn.combine_dense(fn.expert_all_outputs(c.expert, bank_w, x_SBD), gates_SBK, idx_SBK, soft)
+            else:
+                y_SBD = fn.combine_gather(c.expert, bank_w, x_SBD, gates_SBK, idx_SBK, self.ragged)
+            if training and hasattr(router, "update_with"):   # as the layer does after a training forward
+                router.update_with(r_buffers, x_SBD, idx_SBK, self.active_S)
+            aux_S = routing.aux_loss
         else:                        # DenseFFN: one expert of width E·m or k·m
-            y_SBD, aux_S, idx_SBK = self._all_outputs(x_SBD)[:, :, 0], x_SBD.new_zeros(S), None
-        pred_SBO = torch.baddbmm(p["b_ro_O"].unsqueeze(1), y_SBD, p["w_ro_OD"].transpose(1, 2))
-        return _StackedOutput(pred_SBO, aux_S, idx_SBK)
-
-    @torch.no_grad()
-    def _kmeans_init(self, x_SBD: torch.Tensor) -> None:
-        """``KMeansRouter.init_centroids`` per seed: E distinct random tokens of its first batch (its own seed)."""
-        E, B = self.cfg.n_experts, x_SBD.shape[1]
-        for s, seed in enumerate(self.km_init_seeds):
-            pick_E = torch.randperm(B, generator=torch.Generator().manual_seed(seed))[:E].to(x_SBD.device)
-            self.centroids_SED[s] = x_SBD[s, pick_E]
-        self.km_counts_SE.zero_()
-        self.km_initialized = True
-
-    @torch.no_grad()
-    def _kmeans_update(self, x_SBD: torch.Tensor, idx_SBK: torch.Tensor) -> None:
-        """``KMeansRouter.update`` per active seed: each centroid moves towards the mean of the batch tokens routed
-        to it (EMA or cumulative); the sums run over the G = S·E (seed, expert) groups at once."""
-        c = self.cfg
-        S, B, K = idx_SBK.shape
-        E, D = c.n_experts, x_SBD.shape[2]
-        x_TD = x_SBD.reshape(S * B, D)
-        if c.kmeans_normalize:
-            x_TD = F_.normalize(x_TD, dim=-1)
-        gid = (idx_SBK + E * torch.arange(S, device=x_TD.device).view(S, 1, 1)).reshape(-1)   # (P,) group of slot
-        x_PD = x_TD.unsqueeze(1).expand(S * B, K, D).reshape(-1, D)                          # token of each slot
-        sum_SED = x_TD.new_zeros(S * E, D).index_add_(0, gid, x_PD).view(S, E, D)
-        n_SE = x_TD.new_zeros(S * E).index_add_(0, gid, torch.ones_like(gid, dtype=x_TD.dtype)).view(S, E)
-        C_SED, counts_SE = self.centroids_SED, self.km_counts_SE
-        if c.kmeans_mode == "ema":
-            mean_SED = sum_SED / n_SE.clamp_min(1).unsqueeze(2)
-            new_SED = (1 - c.kmeans_rate) * C_SED + c.kmeans_rate * mean_SED
-        else:
-            total_SE = counts_SE + n_SE
-            new_SED = (counts_SE.unsqueeze(2) * C_SED + sum_SED) / total_SE.clamp_min(1).unsqueeze(2)
-        active_S1 = self.active_S.to(x_TD.device).unsqueeze(1)        # a stopped seed's state stays as it was
-        hit_SE = (n_SE > 0) & active_S1                                # experts with no token keep C_i
-        C_SED.copy_(torch.where(hit_SE.unsqueeze(2), new_SED, C_SED))
-        counts_SE.add_(torch.where(active_S1, n_SE, 0.0))
+            y_SBD = fn.expert_all_outputs(c.expert, bank_w, x_SBD)[:, :, 0]
+            aux_S, idx_SBK = x_SBD.new_zeros(S), None
+        return _StackedOutput(readout(p["w_ro_OD"], p["b_ro_O"], y_SBD), aux_S, idx_SBK)
 
     # ---------------------------------------------------------------- training
 
@@ -416,7 +316,7 @@ class MultiSeedTrainer:
                     gid = out.idx_SBK + E * torch.arange(S, device=self.device).view(S, 1, 1)
                     counts_SE = expert_counts(gid, S * E).view(S, E)
                     if self.cfg.lf_rate > 0:
-                        self._loss_free_update(counts_SE, active)
+                        loss_free_update(self.lf_bias_SE, counts_SE, self.cfg.lf_rate, active)
                     loads = (counts_SE / counts_SE.sum(-1, keepdim=True)).tolist()
                 for s, hist in enumerate(self.histories):
                     if active_l[s]:
@@ -444,15 +344,6 @@ class MultiSeedTrainer:
         for name, p in self.params.items():
             p[stopped] = self._frozen[name][stopped]
 
-    @torch.no_grad()
-    def _loss_free_update(self, counts_SE: torch.Tensor, active_S: torch.Tensor) -> None:
-        """``b_s ← b_s + γ sign(mean(c_s) − c_s)``, centred, per active seed
-        (:func:`~moewidgets.balance.loss_free_update` with a seed axis)."""
-        b_SE = self.lf_bias_SE
-        new_SE = b_SE + self.cfg.lf_rate * torch.sign(counts_SE.mean(-1, keepdim=True) - counts_SE)
-        new_SE = new_SE - new_SE.mean(-1, keepdim=True)
-        b_SE.copy_(torch.where(active_S.unsqueeze(1), new_SE, b_SE))
-
     def run(self, callback: Callable[["MultiSeedTrainer"], None] | None = None, every: int = 50) -> list[History]:
         """Train to ``train.steps``; ``callback(self)`` every ``every`` steps. Returns the per-seed histories."""
         while not self.done:
@@ -477,13 +368,7 @@ class MultiSeedTrainer:
         out = []
         for s, r in enumerate(self.runs):
             model = build_model(r.model, r.task.d_out, device=self.device)
-            state = {name: p.detach()[s].clone() for name, p in self.params.items()}
-            if self.lf_bias_SE is not None:
-                state["layer.lf_bias_E"] = self.lf_bias_SE[s].clone()
-            if self.kmeans:
-                state["layer.router.centroids_ED"] = self.centroids_SED[s].clone()
-                state["layer.router.counts_E"] = self.km_counts_SE[s].clone()
-                state["layer.router.initialized"] = torch.tensor(self.km_initialized)
+            state = {name: t.detach()[s].clone() for name, t in (self.params | self.buffers).items()}
             model.load_state_dict(state)
             out.append(model)
         return out

@@ -1,5 +1,7 @@
 """Training: a seeded, synchronous trainer with a step API (dashboards drive it a few steps at a time).
 
+Shape legend: B batch, T tokens, D model width, E experts, K top-k, O output width.
+
 Loss (chapter 1): ``L = mean‖pred − y‖² / O + L_aux`` with ``L_aux`` the router's weighted balancing losses.
 After each optimiser step every MoE layer gets ``after_step(counts_E)`` (loss-free balancing).
 
@@ -13,6 +15,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -23,7 +26,7 @@ from .models import build_model
 from .trace import RoutingTrace
 
 __all__ = ["History", "Trainer", "NonFiniteLossError", "train", "resolve_device", "trace_model", "torch_threads",
-           "batch_generator", "make_adamw", "cosine_lr"]
+           "batch_generator", "make_adamw", "cosine_lr", "SteppedTrainer", "LiveTrainer"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -109,6 +112,48 @@ class History:
         """Mean task loss over the last ``window`` steps (nan if none)."""
         tail = self.loss[-window:]
         return sum(tail) / len(tail) if tail else math.nan
+
+
+@runtime_checkable
+class SteppedTrainer(Protocol):
+    """The step API every trainer shares (:class:`Trainer`, :class:`~moewidgets.lm.LMTrainer`,
+    :class:`~moewidgets.multiseed.MultiSeedTrainer`), what the claim runs drive:
+
+    * ``step(n)`` runs up to n optimiser steps (never past the configured steps) and returns the last loss(es);
+    * ``done`` is True once the configured steps have run; ``steps_done`` counts them; ``wall_s`` is the time
+      spent in ``step``;
+    * ``run(callback, every)`` trains to the end, calling ``callback(trainer)`` every ``every`` steps;
+    * ``evaluate(...)`` scores the trained model(s) on held-out data.
+    """
+
+    steps_done: int
+    wall_s: float
+
+    @property
+    def done(self) -> bool: ...
+
+    def step(self, n: int = 1) -> Any: ...
+
+    def run(self, callback: Callable[[Any], None] | None = None, every: int = 50) -> Any: ...
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class LiveTrainer(SteppedTrainer, Protocol):
+    """What :class:`~moewidgets.dashboards.runner.LiveRunner` and the dashboards read of one run's trainer
+    (:class:`Trainer`, :class:`~moewidgets.lm.LMTrainer`): the step API plus ``cfg`` (its ``steps``), ``history``
+    (``loss``, ``last_loss(window)``), ``model`` and ``data``.
+
+    >>> from moewidgets import RunConfig, TaskConfig, TrainConfig
+    >>> isinstance(Trainer.from_config(RunConfig(task=TaskConfig(n_train=64, n_probe=8))), LiveTrainer)
+    True
+    """
+
+    cfg: Any
+    history: Any
+    model: torch.nn.Module
+    data: Any
 
 
 class Trainer:

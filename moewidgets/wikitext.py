@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 __all__ = ["ENV_VAR", "EOS", "UNK", "WordTokenizer", "WikiText", "Baselines", "find_wikitext", "load_wikitext",
-           "unigram_perplexity", "bigram_perplexity", "baselines"]
+           "unigram_perplexity", "bigram_perplexity", "baselines", "EXPECTED_COUNTS", "ShortSplitWarning",
+           "check_split_size"]
 
 ENV_VAR = "MOEWIDGETS_DATA"
 EOS, UNK = "<eos>", "<unk>"
@@ -178,11 +179,44 @@ def find_wikitext(data_dir: str | os.PathLike | None = None) -> Path:
                             f"test.txt; {_HOW_TO}")
 
 
+#: The real WikiText-2 splits (the PyTorch word_language_model copy; train.txt as released by Merity et al.):
+#: file name -> (lines, words without the end-of-line <eos>), as counted by ``_lines_to_words``. The token counts
+#: of the release (words + one <eos> a line) are 2,088,628 / 217,646 / 245,569.
+EXPECTED_COUNTS = {"train.txt": (36_718, 2_051_910), "valid.txt": (3_760, 213_886), "test.txt": (4_358, 241_211)}
+#: A split with fewer than this fraction of the real file's lines or words is "far smaller": a warning.
+SHORT_FRACTION = 0.5
+
+
+class ShortSplitWarning(UserWarning):
+    """A WikiText-2 file is far smaller than the real one (a cut or damaged copy): results will not match."""
+
+
 def _read_nonempty(path: Path) -> str:
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: byte offset {exc.start} is not UTF-8 ({exc.reason}: {data[exc.start:exc.start + 4]!r}); "
+                         f"the file is damaged or not WikiText-2: replace it ({_HOW_TO})") from None
     if not text.strip():
         raise ValueError(f"{path} is empty (no words); replace it with the WikiText-2 file ({_HOW_TO})")
     return text
+
+
+def check_split_size(path: Path, words: list[str]) -> None:
+    """Warn (:class:`ShortSplitWarning`) when ``path`` (train/valid/test.txt) holds far fewer lines or words than
+    the real WikiText-2 file (:data:`EXPECTED_COUNTS`, below :data:`SHORT_FRACTION` of them), with the numbers."""
+    import warnings
+    expected = EXPECTED_COUNTS.get(Path(path).name)
+    if expected is None:
+        return
+    lines = sum(w == EOS for w in words)
+    n_words = len(words) - lines
+    if lines < SHORT_FRACTION * expected[0] or n_words < SHORT_FRACTION * expected[1]:
+        warnings.warn(f"{path}: {lines:,} lines and {n_words:,} words, far fewer than the real WikiText-2 "
+                      f"{Path(path).name} ({expected[0]:,} lines, {expected[1]:,} words): a cut or damaged copy? "
+                      f"Perplexities and the book's numbers will not match; replace it ({_HOW_TO})",
+                      ShortSplitWarning, stacklevel=3)
 
 
 def load_wikitext(data_dir: str | os.PathLike | None = None, vocab_size: int | None = 8192,
@@ -194,7 +228,9 @@ def load_wikitext(data_dir: str | os.PathLike | None = None, vocab_size: int | N
     ``vocab_size`` most frequent words (:class:`WordTokenizer`; ``None``: every word).
 
     Raises ``FileNotFoundError`` (folder or file missing; the message lists the paths tried) or ``ValueError``
-    (an empty file, a bad ``vocab_size``). Chapter 2 (book/chapter2.ipynb).
+    (an empty file, a file that is not UTF-8: the message names the file and the byte offset, a bad
+    ``vocab_size``). A split far smaller than the real file (:data:`EXPECTED_COUNTS`) gives a
+    :class:`ShortSplitWarning` with the numbers. Chapter 2 (book/chapter2.ipynb).
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp()) / "wikitext-2"; d.mkdir()
@@ -221,6 +257,8 @@ def load_wikitext(data_dir: str | os.PathLike | None = None, vocab_size: int | N
         raise FileNotFoundError(f"WikiText-2: no held-out text in {folder}: looked for {test_file}; {_HOW_TO}")
     train_words = _lines_to_words(_read_nonempty(train_file))
     eval_words = _lines_to_words(_read_nonempty(test_file))
+    check_split_size(train_file, train_words)
+    check_split_size(test_file, eval_words)
     tok = WordTokenizer.from_words(train_words, vocab_size)
     if verbose:
         print(note)

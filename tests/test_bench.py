@@ -124,3 +124,40 @@ def test_lm_benchmark_compares_models_of_the_same_size_and_both_train():
     assert res["targets"][0]["bench"] == "lm" and res["speedup"]["n"] == 1 and res["tokens_per_s_ours"] > 0
     text = bench_run.report({"environment": common.environment("cpu"), "quick": True, "benches": {"lm": res}})
     assert "## The transformer LM vs MixtralForCausalLM" in text and "MixtralForCausalLM" in text
+
+
+def test_dashboard_bench_times_real_runs_and_the_page_shows_kernel_and_browser(tmp_path):
+    """bench/dashboards.py drives a real (small) chapter-1 dashboard through its k slider; the report and the
+    Performance page put the kernel side and the browser test's timings beside their targets."""
+    from bench import dashboards
+    from moewidgets import RunConfig, TaskConfig, TrainConfig
+    from moewidgets.dashboards import Chapter1Dashboard
+    small = RunConfig(task=TaskConfig(n_train=512, n_probe=128), train=TrainConfig(steps=30, device="cpu"))
+    res = dashboards.time_k_moves(Chapter1Dashboard, 2, config=small)
+    assert res["steps"] == 30
+    for key in ("change_to_done_s", "fire_to_done_s", "first_redraw_s", "redraws_per_s", "probes_s"):
+        assert res[key]["n"] == 2 and math.isfinite(res[key]["median_s"]) and res[key]["min_s"] > 0, key
+    # the debounce (0.25 s) lies between the widget change and the start of the work
+    assert res["change_to_done_s"]["min_s"] >= res["fire_to_done_s"]["min_s"] + 0.2
+    assert res["first_redraw_s"]["max_s"] <= res["fire_to_done_s"]["max_s"]
+    dash = {"what": "x", "chapters": {"chapter1": res}, "targets": []}
+    text = "\n".join(bench_run.dashboards_lines(dash))
+    assert "| chapter1 | 30 |" in text
+    browser = {"keypress_to_status_ms": 90.0, "keypress_to_done_ms": 2500.0, "redraws_per_s_kernel": 6.0,
+               "debounce_to_first_redraw_ms_kernel": 40.0, "date": "2026-12-02 18:00",
+               "moves": [{"move": "experts E: ArrowLeft", "keypress_to_status_ms": 95.0, "keypress_to_done_ms": 3100.0}]}
+    src = tmp_path / "latency.json"
+    src.write_text(json.dumps(browser))
+    assert bench_run.copy_browser_timings(tmp_path, src) == tmp_path / "browser-chapter1.json"
+    results = {"environment": common.environment("cpu"), "quick": True, "benches": {"dashboards": dash}}
+    (tmp_path / "bench-cpu-1t.json").write_text(json.dumps(results))
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_performance_figure as page
+    md = tmp_path / "performance.md"
+    page.build(tmp_path, md_path=md, html_path=tmp_path / "fig.html")
+    body = md.read_text()
+    assert "## What a student waits for" in body
+    row = next(line for line in body.splitlines() if line.startswith("| k slider → new run done"))
+    assert "2.50 s" in row and row.rstrip(" |").endswith("missed")               # 2.5 s > 2 s: browser missed
+    assert "| k slider → status line acknowledges | ≤ 150 ms (browser) | – | 90 ms | met |" in body
+    assert "E 8 → 7" in body and "3.10 s" in body

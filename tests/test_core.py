@@ -24,7 +24,7 @@ from moewidgets.nn.experts import ragged_available
     ("lf_rate", -1e-3, "MoEConfig.lf_rate=-0.001 must be >= 0"),
     ("router", "hash", "MoEConfig.router='hash' must be one of 'softmax', 'kmeans', 'mpi'"),
     ("gate", "sum", "MoEConfig.gate='sum' must be one of 'softmax', 'renorm'"),
-    ("expert", "relu", "MoEConfig.expert='relu' must be one of 'gelu', 'swiglu'"),
+    ("expert", "tanh", "MoEConfig.expert='tanh' must be one of 'gelu', 'relu', 'swiglu'"),
     ("n_experts", 2.5, "MoEConfig.n_experts=2.5 must be an integer"),
     ("arch", "sparse", "MoEConfig.arch='sparse' must be one of 'moe', 'dense', 'dense_active'"),
 ])
@@ -77,7 +77,7 @@ def _layer(E, k, expert, gate, lf, seed=0, dispatch="auto"):
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "gather"])
-@pytest.mark.parametrize("expert", ["gelu", "swiglu"])
+@pytest.mark.parametrize("expert", ["gelu", "relu", "swiglu"])
 @pytest.mark.parametrize("gate", ["softmax", "renorm"])
 @pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (5, 3), (4, 4)])
 @pytest.mark.parametrize("lf", [False, True])
@@ -104,7 +104,7 @@ def test_dispatch_matches_per_token_loop_values_and_grads(dispatch, expert, gate
 
 
 @pytest.mark.skipif(not ragged_available("cpu", 8, 12), reason="torch.nn.functional.grouped_mm not available")
-@pytest.mark.parametrize("expert", ["gelu", "swiglu"])
+@pytest.mark.parametrize("expert", ["gelu", "relu", "swiglu"])
 @pytest.mark.parametrize("gate", ["softmax", "renorm"])
 @pytest.mark.parametrize("E,k,T", [(4, 2, 13), (6, 1, 5), (4, 4, 9)])          # (6, 1, 5): experts with no token
 def test_ragged_gather_matches_padded_and_the_per_token_loop_float32(expert, gate, E, k, T):

@@ -37,8 +37,17 @@ GRID = {
     "kmeans cumulative normalize renorm": {"router": "kmeans", "kmeans_mode": "cumulative", "kmeans_normalize": True,
                                            "gate": "renorm", "temperature": 0.3},
     "kmeans loss-free top-1 aux": {"router": "kmeans", "k": 1, "lf_rate": 1e-2, "aux_weight": 0.1},
+    "kmeans swiglu detach z": {"router": "kmeans", "expert": "swiglu", "kmeans_detach": True, "z_weight": 0.01},
+    "kmeans soft loss-free": {"router": "kmeans", "k": 4, "lf_rate": 1e-2},
+    "mpi swiglu soft z loss-free": {"router": "mpi", "expert": "swiglu", "k": 4, "z_weight": 0.01, "lf_rate": 1e-2},
+    "mpi detach top-1 aux": {"router": "mpi", "mpi_detach": True, "k": 1, "aux_weight": 0.1},
+    "relu": {"expert": "relu"},
+    "relu mpi renorm aux loss-free": {"router": "mpi", "expert": "relu", "gate": "renorm", "aux_weight": 0.1,
+                                      "lf_rate": 1e-2},
+    "relu kmeans": {"router": "kmeans", "expert": "relu"},
     "dense": {"arch": "dense"},
     "dense_active": {"arch": "dense_active"},
+    "dense relu": {"arch": "dense", "expert": "relu"},
 }
 PATHS = [("dense", False), ("gather", False)] + ([("gather", True)] if ragged_available("cpu", 8, 16) else [])
 
@@ -174,10 +183,10 @@ def test_bad_input_is_a_clear_error(kwargs, match):
 
 
 def test_a_router_it_does_not_know_is_refused():
-    # a router added to MoEConfig later (faked here past the config's validation) is refused, not mis-trained
+    # a router name no module implements (faked here past the config's validation) is refused, not mis-trained
     model = BASE.model.replace()
     object.__setattr__(model, "router", "hash")
-    with pytest.raises(ValueError, match=r"router='hash' is not supported by MultiSeedTrainer \(allowed: 'softmax', "):
+    with pytest.raises(ValueError, match=r"router='hash' must be one of 'softmax', 'kmeans', 'mpi'"):
         MultiSeedTrainer(BASE.replace(model=model), [0])
 
 

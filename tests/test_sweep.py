@@ -218,6 +218,11 @@ def test_resume_after_killed_run(serial_rows, tmp_path, monkeypatch):
     assert len(list(cache.glob("*.json"))) == 2 and not (tmp_path / "out" / "tiny.jsonl").exists()
 
     monkeypatch.syspath_prepend(str(tmp_path))
+    # the cache key holds a hash of the package source taken once per process; pin this process's to the one the
+    # killed run used, so that an edit of the checkout between the two processes does not turn the resume into misses
+    used = {json.loads(p.read_text())["source"] for p in cache.glob("*.json")}
+    assert len(used) == 1
+    monkeypatch.setattr(sw, "source_hash", lambda: next(iter(used)))
     calls = []
     real = sw._execute
     monkeypatch.setattr(sw, "_execute", lambda job, threads: calls.append((job.arm, job.seed)) or real(job, threads))

@@ -31,6 +31,8 @@ def one_thread():
         yield
 
 
+pytestmark = pytest.mark.filterwarnings("ignore::moewidgets.wikitext.ShortSplitWarning")   # tiny test files
+
 needs_real_data = pytest.mark.skipif(real_data_dir() is None, reason=f"WikiText-2 not found (set {ENV_VAR})")
 
 
@@ -270,3 +272,31 @@ def test_real_baselines_are_ordered():
     assert b.bigram_ppl < 0.6 * b.unigram_ppl < 0.6 * wt.vocab_size
     part = baselines(wt, max_tokens=1000)
     assert part.n_targets == 1000 and part.unigram_ppl != b.unigram_ppl
+
+
+# ------------------------------------------------------------------------------------------------ damaged files
+
+@needs_real_data
+def test_a_cut_split_warns_with_the_numbers_and_the_real_one_does_not(tmp_path):
+    import warnings
+    from moewidgets.wikitext import EXPECTED_COUNTS, ShortSplitWarning, _lines_to_words
+    real = real_data_dir() / "wikitext-2"
+    for name in ("valid.txt", "test.txt"):     # the stored counts are the real files' counts
+        words = _lines_to_words((real / name).read_text(encoding="utf-8"))
+        lines = words.count("<eos>")
+        assert EXPECTED_COUNTS[name] == (lines, len(words) - lines)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShortSplitWarning)
+        load_wikitext(real_data_dir(), verbose=False)
+    cut = "".join((real / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)[:300])
+    folder = make_folder(tmp_path, {"valid.txt": (real / "valid.txt").read_text(encoding="utf-8"), "test.txt": cut})
+    with pytest.warns(ShortSplitWarning, match=r"test.txt: 300 lines and [\d,]+ words, far fewer than the real "
+                                               r"WikiText-2 test.txt \(4,358 lines, 241,211 words\)"):
+        load_wikitext(folder.parent, verbose=False)
+
+
+def test_non_utf8_file_names_the_file_and_the_byte_offset(tmp_path):
+    folder = make_folder(tmp_path, {"valid.txt": "a b\n", "test.txt": "a\n"})
+    (folder / "test.txt").write_bytes(b"a b c\nd \xff e\n")
+    with pytest.raises(ValueError, match=rf"{folder / 'test.txt'}: byte offset 8 is not UTF-8"):
+        load_wikitext(folder.parent, verbose=False)

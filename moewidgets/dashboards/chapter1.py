@@ -33,9 +33,10 @@ from .base import AUX_WEIGHTS, DashboardBase, bokehjs_loader
 from .runner import RunState, describe_run
 
 __all__ = ["Chapter1Dashboard", "Chapter1Views", "ProbePair", "dense_baseline", "bokehjs_loader", "AUX_WEIGHTS",
-           "N_PROBE"]
+           "N_PROBE", "N_PROBE_LIVE"]
 
-N_PROBE = 512                                      # probe points the geometry views use
+N_PROBE = 512                                      # probe points of the final probes (what the views end on)
+N_PROBE_LIVE = 128                                 # probe points of the probes while training (steps 100, 200, …)
 
 
 def dense_baseline(run: RunConfig) -> RunConfig | None:
@@ -112,9 +113,11 @@ class Chapter1Dashboard(DashboardBase):
     _describe = staticmethod(describe_run)
     _reference_of = staticmethod(dense_baseline)
     _status_timings = True
+    redraw_s = 0.1      # loss, load and status line ≈ 7 times a second (each is a comm message the page applies)
 
     def __init__(self, config: RunConfig | None = None, autostart: bool = True):
-        self._dense_probes: dict[tuple[str, int], Chapter1Probes] = {}   # (dense config, step) → probes
+        self._dense_probes: dict[tuple[str, int, int], Chapter1Probes] = {}   # (dense config, step, points) →
+        self.n_probe_live = N_PROBE_LIVE     # probe points while training (N_PROBE: always all of them)
         self.views = Chapter1Views.build()
         super().__init__(config, autostart)
 
@@ -158,9 +161,13 @@ class Chapter1Dashboard(DashboardBase):
         return self._config.replace(model=model)
 
     # -- drawing -------------------------------------------------------------------------------------------------
-    def _draw_chunk(self, st: RunState) -> None:
-        """Loss and load after every chunk."""
-        h, ref = st.trainer.history, st.reference
+    def _draw_chunk(self, st: RunState) -> bool:
+        """Loss and load: the first chunk of a run, then at most every ``redraw_s`` seconds, and at the end.
+        Returns False when the redraw was skipped (the runner counts only real redraws)."""
+        ref = st.reference
+        if not self._redraw_due(st, final=st.trainer.done and (ref is None or ref.done)):
+            return False
+        h = st.trainer.history
         if ref is not None:
             V.update_loss(self.views.loss, h.step, h.loss, ref.history.step, ref.history.loss)
         else:
@@ -168,18 +175,29 @@ class Chapter1Dashboard(DashboardBase):
         recent = [load for load in h.load[-20:] if load]
         load_E = np.mean(recent, axis=0) if recent else np.ones(1)
         V.update_bars(self.views.load, load_E, ref=1.0 / len(load_E))
+        self._redrawn()
+        return True
 
     def _probe(self, st: RunState) -> ProbePair:
-        """Probe the model and its dense baseline (the baseline's probes are cached once it has finished)."""
+        """Probe the model and its dense baseline (the baseline's probes are cached once it has finished).
+
+        While training the probes use the first ``n_probe_live`` (``N_PROBE_LIVE`` = 128) probe points (about a
+        third of the cost, and the picture moves anyway); the final probes, and a finished baseline's, use all
+        ``N_PROBE`` = 512. Computes only (it runs in the runner's worker thread): no widget or bokeh object is
+        touched here."""
         t0 = time.perf_counter()
-        seed, x_TD = st.run.model.seed, st.trainer.data.x_probe[:N_PROBE]
+        seed, x_all = st.run.model.seed, st.trainer.data.x_probe
+        n = N_PROBE if st.trainer.done else self.n_probe_live
+        x_TD = x_all[:n]
         model = chapter1_probes(st.trainer.model.layer.experts, trace_model(st.trainer.model, x_TD), generator=seed)
         ref, dense = st.reference, None
         if ref is not None:
-            key = (dense_baseline(st.run).to_json(), ref.steps_done)
+            n_ref = N_PROBE if ref.done else n
+            key = (dense_baseline(st.run).to_json(), ref.steps_done, n_ref)
             dense = self._dense_probes.get(key)
             if dense is None:
-                dense = chapter1_probes(ref.model.layer.experts, trace_model(ref.model, x_TD), generator=seed)
+                dense = chapter1_probes(ref.model.layer.experts, trace_model(ref.model, x_all[:n_ref]),
+                                        generator=seed)
                 if ref.done:
                     self._dense_probes[key] = dense
         return ProbePair(model, dense, st.trainer.steps_done, ref.steps_done if ref else st.trainer.steps_done,

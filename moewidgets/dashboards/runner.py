@@ -8,9 +8,11 @@ generation has moved on. A drag across a slider therefore ends in exactly one ru
 
 The expensive probes (Jacobian spectra, PCA, alignment) run every ``probe_every`` steps (chunks end there, so the
 probe steps do not depend on timing) and at the end. At chapter-1 sizes they take ≈ 40–80 ms on one thread, about
-one chunk, so they run on the loop like everything else: no worker thread, no snapshots, and every widget or bokeh
-mutation happens on the loop. (A worker thread was tried: its OpenMP threads fought the training thread for two
-cores and made both slower.)
+one chunk. In an async run the compute (build, train a chunk, probe) runs in ONE worker thread, one after the
+other, so the model is never probed while it trains (no snapshots), while the kernel's loop stays free to take
+slider messages and send the redraws; every widget or bokeh mutation still happens on the loop (torch releases the
+GIL inside its ops). (Probes in a second thread beside the training were tried earlier: their OpenMP threads
+fought the training thread for two cores and made both slower.) ``worker=False`` computes on the loop.
 
 Each run may train a *reference* model in lockstep (chapter 1: the parameter-matched dense baseline). References
 are cached by their config, finished or not: a later run with the same reference resumes or reuses it.
@@ -21,12 +23,14 @@ awaits whatever is queued or running. Chapter 1 (book/chapter1.ipynb).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Generator
 
 from ..config import RunConfig
 from ..data import TaskData, make_task
@@ -35,6 +39,16 @@ from ..train import NonFiniteLossError, Trainer, torch_threads
 __all__ = ["LiveRunner", "RunState", "RunTimings", "describe_run"]
 
 log = logging.getLogger(__name__)
+
+_WORKER: ThreadPoolExecutor | None = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    """The one training thread of the kernel, shared by every dashboard (their runs never train at once)."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moewidgets-train")
+    return _WORKER
 
 
 def describe_run(run: RunConfig) -> str:
@@ -78,7 +92,9 @@ class LiveRunner:
 
     Callbacks (all called on the loop's thread):
         on_status(text):            the status line.
-        on_chunk(state):            redraw the cheap views (after every chunk, ≥ 5 per second).
+        on_chunk(state):            redraw the cheap views (after every chunk, ≥ 5 per second); returning False
+                                    says the redraw was skipped (throttled): it is not counted, and the status
+                                    line waits for the next drawn chunk too.
         probe(state) -> result:     compute the expensive probes (every ``probe_every`` steps and at the end).
         on_probes(state, result):   redraw the expensive views.
         reference_of(run) -> RunConfig | None: the reference model to train alongside (None: none).
@@ -88,7 +104,8 @@ class LiveRunner:
     transformer dashboard passes :meth:`LMTrainer.from_config <moewidgets.lm.LMTrainer.from_config>`.
 
     Knobs: ``debounce_s`` (request → start), ``chunk_s`` (target seconds per chunk), ``probe_every`` (steps between
-    probes), ``threads`` (torch intra-op threads while training, default 1; None leaves the setting alone).
+    probes), ``threads`` (torch intra-op threads while training, default 1; None leaves the setting alone),
+    ``worker`` (async runs build, train and probe in one worker thread while the loop stays free; default True).
 
     >>> import asyncio
     >>> from moewidgets import RunConfig, TaskConfig, TrainConfig
@@ -111,12 +128,13 @@ class LiveRunner:
                  describe: Callable[[RunConfig], str] = describe_run,
                  make_trainer: Callable[[Any], Any] | None = None,
                  debounce_s: float = 0.25, chunk_s: float = 0.04, probe_every: int = 100,
-                 threads: int | None = 1):
+                 threads: int | None = 1, worker: bool = True):
         self.on_status, self.on_chunk, self.probe, self.on_probes = on_status, on_chunk, probe, on_probes
         self.reference_of, self.describe = reference_of, describe
         self.make_trainer = make_trainer
         self.debounce_s, self.chunk_s, self.probe_every = debounce_s, chunk_s, probe_every
         self.threads = threads                    # torch threads while training (None: leave as is)
+        self.worker = worker                      # async runs compute in the worker thread (False: on the loop)
         self.generation = 0
         self.state: RunState | None = None        # the latest run that started (its trainer, timings, probes)
         self.runs_started = 0
@@ -211,91 +229,122 @@ class LiveRunner:
             raise ValueError("run_sync() needs a RunConfig: nothing was requested yet")
         self._supersede()
         self._pending = None
-        for _ in self._work(run, self.generation):
-            pass
-        return self.state
+        work, result = self._work(run, self.generation), None
+        while True:
+            try:
+                job = work.send(result)
+            except StopIteration:
+                return self.state
+            result = None if job is None else self._run_job(job)
+
+    def _run_job(self, job: Callable[[], Any]) -> Any:
+        """Run one compute job of :meth:`_work` (build, train a chunk, probe) under ``threads`` torch threads."""
+        with torch_threads(self.threads):
+            return job()
 
     async def _drive(self, run: RunConfig, generation: int, previous: asyncio.Task | None) -> None:
-        """The asyncio task: iterate :meth:`_work`, yielding to the loop between chunks."""
+        """The asyncio task: iterate :meth:`_work`, running its compute jobs in the worker thread (``worker=True``)
+        or inline, and yielding to the loop between chunks. Callbacks always run here, on the loop."""
         if previous is not None and not previous.done():
             await asyncio.wait({previous})          # it returns at its next boundary: never two runs at once
+        loop = asyncio.get_running_loop()
+        work, result = self._work(run, generation), None
         try:
-            for _ in self._work(run, generation):
-                await asyncio.sleep(0)              # let slider messages in
+            while True:
+                try:
+                    job = work.send(result)
+                except StopIteration:
+                    return
+                if job is None:
+                    result = None
+                    await asyncio.sleep(0)          # let slider messages in
+                elif self.worker:                   # the loop stays free: acks and comm traffic go on meanwhile
+                    result = await loop.run_in_executor(_worker(), self._run_job, job)
+                else:
+                    result = self._run_job(job)
                 if generation != self.generation:
-                    return                          # superseded: stop at this step boundary
+                    return                          # superseded: stop at this step boundary, draw nothing more
         except Exception as exc:                    # a bug: say it on the status line, not as a traceback in a cell
             log.exception("live run failed")
             if generation == self.generation:
                 self._set_status(f"error: {type(exc).__name__}: {exc}")
+        finally:
+            work.close()
 
-    def _work(self, run: RunConfig, generation: int) -> Iterator[None]:
+    @staticmethod
+    def _train_chunk(trainer, reference, n: int) -> NonFiniteLossError | None:
+        """Train ``n`` steps of the model and its reference in lockstep (a compute job: no callbacks)."""
+        try:
+            trainer.step(n)
+            if reference is not None and not reference.done:
+                reference.step(n)
+        except NonFiniteLossError as exc:
+            return exc
+        return None
+
+    def _probe_job(self, st: RunState) -> tuple[Any, Exception | None]:
+        """Compute the probes (a compute job: the dashboard's ``probe`` must not touch widgets or bokeh)."""
+        try:
+            return self.probe(st), None
+        except Exception as exc:
+            log.exception("probes failed")
+            return None, exc
+
+    def _work(self, run: RunConfig, generation: int) -> Generator[Callable[[], Any] | None, Any, None]:
         """One run as a generator: build, then per chunk train (model and reference in lockstep), redraw, probe
-        when due, yield. It never touches the loop, so :meth:`run_sync` and :meth:`_drive` share it. Each segment
-        between two yields runs under :func:`~moewidgets.train.torch_threads`, never across a yield (user code
-        may run there)."""
+        when due. It yields either a compute job (a callable: build, train a chunk, probe; the driver runs it,
+        in the worker thread or inline, under :func:`~moewidgets.train.torch_threads`, and sends its result
+        back) or None (a point where the loop may handle messages). Everything between yields (the callbacks,
+        the status line) runs on the caller's thread, so :meth:`run_sync` and :meth:`_drive` share it."""
         t_fire = time.perf_counter()
         self.runs_started += 1
-        with torch_threads(self.threads):
-            trainer = self._build(run)
-            reference = self._reference(run)
+        trainer, reference = yield (lambda: (self._build(run), self._reference(run)))
         st = RunState(run, generation, trainer, reference, t_fire)
         self.state = st
         chunk, next_probe = 1, self.probe_every      # a one-step first chunk: the first redraw comes quickly
         while True:
-            with torch_threads(self.threads):
-                t0 = time.perf_counter()
-                try:
-                    trainer.step(chunk)
-                    if reference is not None and not reference.done:
-                        reference.step(chunk)
-                except NonFiniteLossError as exc:
-                    if reference is not None:    # drop a broken reference from the cache
-                        self._references = OrderedDict(
-                            (k, v) for k, v in self._references.items() if v is not reference)
-                    st.phase, st.error = "error", str(exc)
-                    self._set_status(self.status_text(st))
-                    return
-                per_step = (time.perf_counter() - t0) / max(chunk, 1)
-                # steps per chunk so that a chunk takes ≈ chunk_s: redraws stay frequent whatever the model size
-                chunk = max(1, min(200, round(self.chunk_s / max(per_step, 1e-5))))
-                final = trainer.done and (reference is None or reference.done)
-                self.on_chunk(st)
-                tm = st.timings
+            t0 = time.perf_counter()
+            error = yield functools.partial(self._train_chunk, trainer, reference, chunk)
+            if error is not None:
+                if reference is not None:    # drop a broken reference from the cache
+                    self._references = OrderedDict((k, v) for k, v in self._references.items() if v is not reference)
+                st.phase, st.error = "error", str(error)
+                self._set_status(self.status_text(st))
+                return
+            per_step = (time.perf_counter() - t0) / max(chunk, 1)
+            # steps per chunk so that a chunk takes ≈ chunk_s: redraws stay frequent whatever the model size
+            chunk = max(1, min(200, round(self.chunk_s / max(per_step, 1e-5))))
+            final = trainer.done and (reference is None or reference.done)
+            drawn = self.on_chunk(st)        # False: the dashboard skipped this redraw (throttled)
+            tm = st.timings
+            tm.wall_s = time.perf_counter() - t_fire
+            if drawn is not False:
                 tm.redraws += 1
-                tm.wall_s = time.perf_counter() - t_fire
                 if tm.redraws == 1:
                     tm.fire_to_first_redraw_s = tm.wall_s
-                tm.redraws_per_s = tm.redraws / tm.wall_s
-                if self.probe is not None:
-                    if final or trainer.steps_done >= next_probe:
-                        if not self._probe(st):
-                            return
-                        next_probe = (trainer.steps_done // self.probe_every + 1) * self.probe_every
-                    # chunks end at probe steps, so probes land on steps 100, 200, ... whatever the timing
-                    chunk = max(1, min(chunk, next_probe - trainer.steps_done))
-                if final:
-                    st.phase, tm.wall_s = "done", time.perf_counter() - t_fire
-                    self.runs_completed += 1
+            tm.redraws_per_s = tm.redraws / tm.wall_s
+            if self.probe is not None:
+                if final or trainer.steps_done >= next_probe:
+                    t0 = time.perf_counter()
+                    result, exc = yield functools.partial(self._probe_job, st)
+                    if exc is not None:
+                        st.phase, st.error = "error", f"probes failed at step {trainer.steps_done}: {exc}"
+                        self._set_status(self.status_text(st))
+                        return
+                    st.probes = result
+                    self.on_probes(st, result)
+                    tm.probe_s.append(time.perf_counter() - t0)
+                    next_probe = (trainer.steps_done // self.probe_every + 1) * self.probe_every
+                # chunks end at probe steps, so probes land on steps 100, 200, ... whatever the timing
+                chunk = max(1, min(chunk, next_probe - trainer.steps_done))
+            if final:
+                st.phase, tm.wall_s = "done", time.perf_counter() - t_fire
+                self.runs_completed += 1
+            if drawn is not False or final:  # the status line (a widget message too) moves with the redraws
                 self._set_status(self.status_text(st))
             if final:
                 return
-            yield
-
-    def _probe(self, st: RunState) -> bool:
-        """Compute and draw the probes. A failure stops the run with a status message (the last plots stay)."""
-        t0 = time.perf_counter()
-        try:
-            result = self.probe(st)
-        except Exception as exc:
-            log.exception("probes failed")
-            st.phase, st.error = "error", f"probes failed at step {st.trainer.steps_done}: {exc}"
-            self._set_status(self.status_text(st))
-            return False
-        st.probes = result
-        self.on_probes(st, result)
-        st.timings.probe_s.append(time.perf_counter() - t0)
-        return True
+            yield None
 
     # -- caches --------------------------------------------------------------------------------------------------
     def _build(self, run) -> Any:

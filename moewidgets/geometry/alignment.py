@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .jacobians import _bank_tensors, expert_outputs, mean_expert_jacobians
+from ..nn.activations import activation as _activation
+from .jacobians import bank_tensors as _bank_tensors, expert_outputs, mean_expert_jacobians
 from .jacobians import expert_jacobians  # noqa: F401  (the docstring examples use it)
 
 __all__ = ["JacobianAlignment", "jacobian_alignment", "bank_jacobian_alignment", "frobenius_cosine",
@@ -354,10 +355,10 @@ def dense_pseudo_experts(dense_bank, n_groups: int, generator: torch.Generator |
     w_out_DM = ws[2][0]
     w_out = torch.where(valid_d[:, None, :], w_out_DM[:, safe].permute(1, 0, 2),
                         torch.zeros((), dtype=w_out_DM.dtype, device=w_out_DM.device))
-    if act == "gelu":
+    if not _activation(act).gated:
         w_in_MD, b_in_M, _, b_out_D = (w[0] for w in ws)
         b_in = torch.where(valid_d, b_in_M[safe], torch.zeros((), dtype=b_in_M.dtype, device=b_in_M.device))
         b_out = (b_out_D / n_groups).expand(n_groups, -1).clone()
-        return GELUBankView(rows(w_in_MD), b_in, w_out, b_out, groups_EF)
+        return GELUBankView(rows(w_in_MD), b_in, w_out, b_out, groups_EF, activation=act)
     w_gate_MD, w_up_MD = ws[0][0], ws[1][0]
     return SwiGLUBankView(rows(w_gate_MD), rows(w_up_MD), w_out, groups_EF)

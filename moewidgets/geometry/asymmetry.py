@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F_
 
 from .alignment import JacobianAlignment, bank_jacobian_alignment, make_generator
-from .jacobians import _bank_tensors, gelu_grad, silu_grad
+from ..nn.activations import activation as _activation
+from .jacobians import bank_tensors as _bank_tensors
 from .subspaces import (RoutedSubspaces, SubspaceComparison, compare_subspaces, routing_weights,
                         trace_subspaces)
 
@@ -72,7 +73,7 @@ class _Expert:
 
 def _expert(bank, e: int) -> _Expert:
     act, ws = _bank_tensors(bank)
-    if act == "gelu":
+    if not _activation(act).gated:
         w_in_EFD, b_in_EF, w_out_EDF, _ = ws
         return _Expert(act, w_out_EDF[e], [w_in_EFD[e]], b_in_EF[e])
     w_gate_EFD, w_up_EFD, w_out_EDF = ws
@@ -97,11 +98,12 @@ def _coefficients(ex: _Expert, X_ND: torch.Tensor, dtype: torch.dtype, token_chu
         b = ex.bias_F[c].to(dtype) if ex.bias_F is not None else None
         for t in _slices(N, token_chunk):
             x = X_ND[t]
-            if ex.activation == "gelu":
-                lam = [gelu_grad(x @ S[0].T + b)]
+            act = _activation(ex.activation)
+            if not act.gated:
+                lam = [act.grad(x @ S[0].T + b)]
             else:
                 g_nC, u_nC = x @ S[0].T, x @ S[1].T
-                lam = [silu_grad(g_nC) * u_nC, F_.silu(g_nC)]
+                lam = [act.grad(g_nC) * u_nC, act.fn(g_nC)]
             for a, l_nC in enumerate(lam):
                 if w_N is None:
                     out[a][t, c] = l_nC

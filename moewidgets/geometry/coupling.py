@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F_
 
+from ..nn.activations import activation as _activation
 from .alignment import make_generator
 
 __all__ = ["CouplingExactness", "coupling_exactness", "span_residual", "SpanResidual", "sgd_span_residual",
@@ -41,7 +42,7 @@ def _abs_cos(A_ND: torch.Tensor, x_D: torch.Tensor) -> torch.Tensor:
 
 def _input_side(bank) -> dict[str, torch.Tensor]:
     """The expert matrices whose rows act on x: ``{"w_in_EFD": ...}`` (GELU) or gate and up (SwiGLU)."""
-    if bank.activation == "gelu":
+    if not _activation(bank.activation).gated:
         return {"w_in_EFD": bank.w_in_EFD}
     return {"w_gate_EFD": bank.w_gate_EFD, "w_up_EFD": bank.w_up_EFD}
 
@@ -381,10 +382,11 @@ def expert_activation(bank, x_TD: torch.Tensor, kind: str = "gate") -> torch.Ten
     ``kind="product"`` (SwiGLU only): ``‖SiLU(W_g x) ⊙ W_u x‖₂``.
     """
     with torch.no_grad():
-        if bank.activation == "gelu":
+        act = _activation(bank.activation)
+        if not act.gated:
             if kind != "gate":
                 raise ValueError(f"kind={kind!r}: a GELU bank has only kind='gate'")
-            h_TEF = F_.gelu(torch.einsum("efd,td->tef", bank.w_in_EFD, x_TD) + bank.b_in_EF)
+            h_TEF = act.fn(torch.einsum("efd,td->tef", bank.w_in_EFD, x_TD) + bank.b_in_EF)
             return h_TEF.abs().mean(-1)
         a_TEF = F_.silu(torch.einsum("efd,td->tef", bank.w_gate_EFD, x_TD))
         if kind == "gate":

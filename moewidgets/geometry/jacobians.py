@@ -1,7 +1,7 @@
 """Exact Jacobians of experts, of a whole MoE layer and of a dense FFN, in closed form (no autograd).
 
 Shape legend: N probe points, D model width (D_out = D_in = D for our square layers), F expert hidden width,
-E experts, K top-k.
+E experts, K top-k, P (expert, point) pairs, T tokens.
 
 Formulas (paper-1 spec §1.4a, paper-2 spec §2.4a; chapter 1, ``book/chapter1.ipynb``):
 
@@ -13,6 +13,9 @@ Formulas (paper-1 spec §1.4a, paper-2 spec §2.4a; chapter 1, ``book/chapter1.i
 * SwiGLU expert ``E(x) = W_out (silu(g) ⊙ u)``, ``g = W_gate x``, ``u = W_up x``::
 
       J(x) = W_out · [diag(silu'(g) ⊙ u) · W_gate + diag(silu(g)) · W_up],   silu'(g) = σ(g)(1 + g(1 − σ(g)))
+
+* Any activation φ of the table (:mod:`moewidgets.nn.activations`: "gelu", "relu", "swiglu") takes the plain or
+  the gated formula with its own φ and φ' (ReLU: ``φ'(h) = 1[h > 0]``, the a.e. derivative autograd gives).
 
 * Whole layer ``f(x) = Σ_{i∈S(x)} g_i(x) E_i(x)`` with the top-k set S held fixed (the a.e. derivative, what
   autograd through ``torch.topk`` gives)::
@@ -35,40 +38,20 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F_
+
+from ..nn.activations import ACTIVATIONS, activation, gelu_grad, relu_grad, silu_grad
+from ..nn.experts import bank_weights
 
 __all__ = ["expert_jacobians", "pair_jacobians", "mean_expert_jacobians", "expert_outputs", "layer_jacobian",
-           "dense_jacobian", "gelu_grad", "silu_grad", "bank_activation"]
+           "dense_jacobian", "gelu_grad", "silu_grad", "relu_grad", "bank_activation", "bank_tensors",
+           "prepare_points"]
 
-_ACTIVATIONS = ("gelu", "swiglu")
 _AUTO_CHUNK_ELEMENTS = 1 << 25    # intermediate (E, n, D, F) elements per chunk when chunk=None
 
 
-def gelu_grad(h: torch.Tensor) -> torch.Tensor:
-    """Derivative of the exact (erf) GELU: ``gelu'(h) = Φ(h) + h φ(h)``.
-
-    >>> float(gelu_grad(torch.tensor(0.0)))
-    0.5
-
-    Chapter 1 (book/chapter1.ipynb).
-    """
-    return torch.special.ndtr(h) + h * torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
-
-
-def silu_grad(g: torch.Tensor) -> torch.Tensor:
-    """Derivative of SiLU: ``silu'(g) = σ(g) (1 + g (1 − σ(g)))``.
-
-    >>> float(silu_grad(torch.tensor(0.0)))
-    0.5
-
-    Chapter 1 (book/chapter1.ipynb).
-    """
-    s = torch.sigmoid(g)
-    return s * (1.0 + g * (1.0 - s))
-
-
 def bank_activation(bank) -> str:
-    """The bank's ``activation`` ("gelu" | "swiglu"), or a ValueError that names what is allowed.
+    """The bank's ``activation`` (a name of :data:`~moewidgets.nn.activations.ACTIVATIONS`: "gelu" | "relu" |
+    "swiglu"), or a ValueError that names what is allowed.
 
     >>> from moewidgets.nn.experts import SwiGLUExperts
     >>> bank_activation(SwiGLUExperts(2, 4, 8))
@@ -77,33 +60,33 @@ def bank_activation(bank) -> str:
     Chapter 1 (book/chapter1.ipynb).
     """
     act = getattr(bank, "activation", None)
-    if act not in _ACTIVATIONS:
-        raise ValueError(f"experts.activation={act!r} must be one of {_ACTIVATIONS} "
+    if act not in ACTIVATIONS:
+        raise ValueError(f"experts.activation={act!r} must be one of {tuple(ACTIVATIONS)} "
                          "(a bank with the contract attributes of moewidgets.nn.experts)")
     return act
 
 
-def _weights(bank, names: Sequence[str]) -> list[torch.Tensor]:
-    out = []
-    for name in names:
-        w = getattr(bank, name, None)
-        if not isinstance(w, torch.Tensor):
-            raise ValueError(f"experts.{name} is missing (got {type(w).__name__}); a {bank_activation(bank)!r} bank "
-                             f"must expose {', '.join(names)}")
-        out.append(w.detach())
-    return out
+def bank_tensors(bank) -> tuple[str, list[torch.Tensor]]:
+    """The expert-bank contract read as plain tensors: ``(activation, [weights…])``, the weights detached, in the
+    table's order (``w_in_EFD, b_in_EF, w_out_EDF, b_out_ED`` for a plain bank; ``w_gate_EFD, w_up_EFD,
+    w_out_EDF`` for a gated one; :func:`moewidgets.nn.experts.bank_weights`). Every geometry function reads a bank
+    through it, so our banks, the Hugging Face views and the pseudo-expert views all work.
 
+    >>> from moewidgets.nn.experts import ReLUExperts
+    >>> act, ws = bank_tensors(ReLUExperts(2, 4, 8))
+    >>> act, [tuple(w.shape) for w in ws]
+    ('relu', [(2, 8, 4), (2, 8), (2, 4, 8), (2, 4)])
 
-def _bank_tensors(bank) -> tuple[str, list[torch.Tensor]]:
+    Chapter 1 (book/chapter1.ipynb).
+    """
     act = bank_activation(bank)
-    if act == "gelu":
-        return act, _weights(bank, ("w_in_EFD", "b_in_EF", "w_out_EDF", "b_out_ED"))
-    return act, _weights(bank, ("w_gate_EFD", "w_up_EFD", "w_out_EDF"))
+    return act, list(bank_weights(bank, detach=True).values())
 
 
-def _prepare(bank, X_ND: torch.Tensor, experts_idx) -> tuple[str, list[torch.Tensor], torch.Tensor]:
-    """Validated weights (subset, promoted dtype, on the bank's device) and X in that dtype."""
-    act, ws = _bank_tensors(bank)
+def prepare_points(bank, X_ND: torch.Tensor, experts_idx=None) -> tuple[str, list[torch.Tensor], torch.Tensor]:
+    """A bank's validated weights (:func:`bank_tensors`; the ``experts_idx`` subset, promoted dtype, on the bank's
+    device) and the points ``X_ND`` (N, D) in that dtype: what every closed-form geometry function starts from."""
+    act, ws = bank_tensors(bank)
     if not isinstance(X_ND, torch.Tensor) or X_ND.dim() != 2:
         shape = tuple(X_ND.shape) if isinstance(X_ND, torch.Tensor) else type(X_ND).__name__
         raise ValueError(f"X_ND={shape} must be a 2-d tensor (N points, D={ws[0].shape[-1]})")
@@ -156,25 +139,26 @@ def expert_jacobians(experts, X_ND: torch.Tensor, experts_idx: Sequence[int] | t
 
     Chapter 1 (book/chapter1.ipynb).
     """
-    act, ws, X = _prepare(experts, X_ND, experts_idx)
+    act, ws, X = prepare_points(experts, X_ND, experts_idx)
     N, D = X.shape
     w_out_EDF = ws[2]
     E, D_out, F = w_out_EDF.shape
     out = X.new_empty(E, N, D_out, D)
-    width = F if act == "gelu" else 2 * F
+    a = activation(act)
+    width = 2 * F if a.gated else F
     for sl in _chunks(N, chunk, E * D_out * width):
         x = X[sl]
         n = x.shape[0]
-        if act == "gelu":
+        if not a.gated:
             w_in_EFD, b_in_EF = ws[0], ws[1]
             h_EnF = torch.einsum("nd,efd->enf", x, w_in_EFD) + b_in_EF[:, None, :]
-            A_EnDF = w_out_EDF[:, None, :, :] * gelu_grad(h_EnF)[:, :, None, :]
+            A_EnDF = w_out_EDF[:, None, :, :] * a.grad(h_EnF)[:, :, None, :]
             J = torch.bmm(A_EnDF.reshape(E, n * D_out, F), w_in_EFD)
         else:
             w_gate_EFD, w_up_EFD = ws[0], ws[1]
             g_EnF = torch.einsum("nd,efd->enf", x, w_gate_EFD)
             u_EnF = torch.einsum("nd,efd->enf", x, w_up_EFD)
-            coef_En2F = torch.cat([silu_grad(g_EnF) * u_EnF, F_.silu(g_EnF)], dim=-1)      # (E, n, 2F)
+            coef_En2F = torch.cat([a.grad(g_EnF) * u_EnF, a.fn(g_EnF)], dim=-1)          # (E, n, 2F)
             A_EnD2F = torch.cat([w_out_EDF, w_out_EDF], dim=-1)[:, None] * coef_En2F[:, :, None, :]
             J = torch.bmm(A_EnD2F.reshape(E, n * D_out, 2 * F), torch.cat([w_gate_EFD, w_up_EFD], dim=1))
         out[:, sl] = J.reshape(E, n, D_out, D)
@@ -197,7 +181,7 @@ def pair_jacobians(experts, X_ND: torch.Tensor, expert_P: torch.Tensor, point_P:
 
     Chapter 1 (book/chapter1.ipynb).
     """
-    _, ws, X = _prepare(experts, X_ND, None)
+    _, ws, X = prepare_points(experts, X_ND, None)
     E, D_out = ws[2].shape[:2]
     expert_P = torch.as_tensor(expert_P, dtype=torch.long, device=X.device).reshape(-1)
     point_P = torch.as_tensor(point_P, dtype=torch.long, device=X.device).reshape(-1)
@@ -233,7 +217,7 @@ def mean_expert_jacobians(experts, X_ND: torch.Tensor, weights_NE: torch.Tensor)
 
     Chapter 1 (book/chapter1.ipynb).
     """
-    act, ws, X = _prepare(experts, X_ND, None)
+    act, ws, X = prepare_points(experts, X_ND, None)
     N = X.shape[0]
     E = ws[2].shape[0]
     if not isinstance(weights_NE, torch.Tensor) or weights_NE.dim() < 2 or tuple(weights_NE.shape[-2:]) != (N, E):
@@ -243,17 +227,18 @@ def mean_expert_jacobians(experts, X_ND: torch.Tensor, weights_NE: torch.Tensor)
     W = w.sum(-2)                                                            # (..., E)
     live = W > 0
     Wsafe = torch.where(live, W, torch.ones_like(W))
-    if act == "gelu":
+    a_ = activation(act)
+    if not a_.gated:
         w_in_EFD, b_in_EF, w_out_EDF = ws[0], ws[1], ws[2]
-        d_ENF = gelu_grad(torch.einsum("nd,efd->enf", X, w_in_EFD) + b_in_EF[:, None, :])
+        d_ENF = a_.grad(torch.einsum("nd,efd->enf", X, w_in_EFD) + b_in_EF[:, None, :])
         c = torch.einsum("...ne,enf->...ef", w, d_ENF) / Wsafe[..., None]
         J = torch.matmul(w_out_EDF * c[..., None, :], w_in_EFD)
     else:
         w_gate_EFD, w_up_EFD, w_out_EDF = ws
         g_ENF = torch.einsum("nd,efd->enf", X, w_gate_EFD)
         u_ENF = torch.einsum("nd,efd->enf", X, w_up_EFD)
-        a = torch.einsum("...ne,enf->...ef", w, silu_grad(g_ENF) * u_ENF) / Wsafe[..., None]
-        b = torch.einsum("...ne,enf->...ef", w, F_.silu(g_ENF)) / Wsafe[..., None]
+        a = torch.einsum("...ne,enf->...ef", w, a_.grad(g_ENF) * u_ENF) / Wsafe[..., None]
+        b = torch.einsum("...ne,enf->...ef", w, a_.fn(g_ENF)) / Wsafe[..., None]
         J = torch.matmul(w_out_EDF * a[..., None, :], w_gate_EFD) + torch.matmul(w_out_EDF * b[..., None, :],
                                                                                   w_up_EFD)
     return torch.where(live[..., None, None], J, torch.full_like(J, math.nan))
@@ -273,15 +258,16 @@ def expert_outputs(experts, X_ND: torch.Tensor, experts_idx: Sequence[int] | tor
 
     Chapter 1 (book/chapter1.ipynb).
     """
-    act, ws, X = _prepare(experts, X_ND, experts_idx)
-    if act == "gelu":
+    act, ws, X = prepare_points(experts, X_ND, experts_idx)
+    a = activation(act)
+    if not a.gated:
         w_in_EFD, b_in_EF, w_out_EDF, b_out_ED = ws
-        a_ENF = F_.gelu(torch.einsum("nd,efd->enf", X, w_in_EFD) + b_in_EF[:, None, :])
+        a_ENF = a.fn(torch.einsum("nd,efd->enf", X, w_in_EFD) + b_in_EF[:, None, :])
         return torch.bmm(a_ENF, w_out_EDF.transpose(1, 2)) + b_out_ED[:, None, :]
     w_gate_EFD, w_up_EFD, w_out_EDF = ws
     g_ENF = torch.einsum("nd,efd->enf", X, w_gate_EFD)
     u_ENF = torch.einsum("nd,efd->enf", X, w_up_EFD)
-    return torch.bmm(F_.silu(g_ENF) * u_ENF, w_out_EDF.transpose(1, 2))
+    return torch.bmm(a.fn(g_ENF) * u_ENF, w_out_EDF.transpose(1, 2))
 
 
 def dense_jacobian(dense_layer_or_bank, X_ND: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -299,7 +285,7 @@ def dense_jacobian(dense_layer_or_bank, X_ND: torch.Tensor, chunk: int | None = 
     bank = dense_layer_or_bank
     if not hasattr(bank, "activation") and hasattr(bank, "experts"):
         bank = bank.experts
-    E = _bank_tensors(bank)[1][0].shape[0]
+    E = bank_tensors(bank)[1][0].shape[0]
     if E != 1:
         raise ValueError(f"dense_jacobian needs a one-expert bank (a dense FFN), got n_experts={E}; "
                          "use expert_jacobians for an MoE bank")
@@ -335,7 +321,7 @@ def layer_jacobian(layer, X_ND: torch.Tensor, chunk: int | None = None) -> torch
     if gate not in ("softmax", "renorm"):
         raise ValueError(f"router.gate={gate!r} must be 'softmax' or 'renorm'")
     bank = layer.experts
-    _, _, X = _prepare(bank, X_ND, None)
+    _, _, X = prepare_points(bank, X_ND, None)
     w_ED = router.w_ED.detach().to(device=X.device, dtype=X.dtype)
     tau = float(router.temperature)
     with torch.no_grad():   # selection only (the layer's own dtype, its loss-free bias included)

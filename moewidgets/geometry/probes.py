@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from .alignment import JacobianAlignment, bank_jacobian_alignment, make_generator
-from .jacobians import _bank_tensors, _prepare, expert_jacobians, expert_outputs, pair_jacobians
+from .jacobians import (bank_tensors as _bank_tensors, expert_jacobians, expert_outputs, pair_jacobians,
+                        prepare_points as _prepare)
 from .pca import WeightedPCA, effective_rank, expert_pca
 from .spectra import WeightedSpectra, singular_values, weighted_expert_spectra
 

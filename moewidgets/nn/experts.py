@@ -1,27 +1,36 @@
 """Expert banks: all experts' weights stacked along a leading expert axis.
 
 Shape legend (used in every MoE file):
-    T tokens, D model width, F hidden width of one expert, E experts, K top-k, N probe points.
+    T tokens, D model width, F hidden width of one expert, E experts, K top-k, N probe points,
+    C capacity: token rows per expert group (padded), P (token, slot) pairs.
 
 The bank naming is a contract (``design.md``): geometry code reads these attributes from *any* bank, ours or a
 view the Hugging Face adapter builds over a transformers model:
 
-    activation    "gelu" | "swiglu"
-    GELU bank:    w_in_EFD, b_in_EF, w_out_EDF, b_out_ED      E_e(x) = W_out[e] φ(W_in[e] x + b_in[e]) + b_out[e]
-    SwiGLU bank:  w_gate_EFD, w_up_EFD, w_out_EDF             E_e(x) = W_out[e] (silu(W_gate[e] x) ⊙ W_up[e] x)
+    activation    a name in moewidgets.nn.activations.ACTIVATIONS ("gelu" | "relu" | "swiglu")
+    plain bank:   w_in_EFD, b_in_EF, w_out_EDF, b_out_ED      E_e(x) = W_out[e] φ(W_in[e] x + b_in[e]) + b_out[e]
+    gated bank:   w_gate_EFD, w_up_EFD, w_out_EDF             E_e(x) = W_out[e] (φ(W_gate[e] x) ⊙ W_up[e] x)
+
+The contract is code: :class:`ExpertBank` and :func:`bank_weights`; the forwards are the pure functions of
+:mod:`moewidgets.nn.functional`, which the seed groups of :mod:`moewidgets.multiseed` call too.
 
 A dense FFN of hidden width M is a bank with E = 1 and F = M, so the same geometry applies to dense baselines.
 """
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F_
 from torch import nn
 
-__all__ = ["GELUExperts", "SwiGLUExperts", "make_experts", "fan_in_uniform_", "ragged_available",
-           "ragged_expert_outputs"]
+from . import functional as fn
+from . import activations as acts
+from .functional import ragged_expert_outputs
+
+__all__ = ["ExpertBank", "bank_weights", "PlainExperts", "GatedExperts", "GELUExperts", "ReLUExperts",
+           "SwiGLUExperts", "make_experts", "fan_in_uniform_", "ragged_available", "ragged_expert_outputs"]
 
 
 def fan_in_uniform_(t: torch.Tensor, fan_in: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -46,43 +55,81 @@ def ragged_available(device: str | torch.device, d_model: int, d_hidden: int,
             and d_model % 4 == 0 and d_hidden % 4 == 0)
 
 
-def ragged_expert_outputs(activation: str, w: dict[str, torch.Tensor], x_PD: torch.Tensor, e_sorted_P: torch.Tensor,
-                          offs_E: torch.Tensor) -> torch.Tensor:
-    """Slots sorted by expert through their experts with no padding, (P, D) → (P, D).
+@runtime_checkable
+class ExpertBank(Protocol):
+    """The expert-bank contract (design card): what geometry code, the MPI router and the seed groups read.
 
-    ``w``: a bank's weights by their names (``w_in_EFD`` … for "gelu", ``w_gate_EFD`` … for "swiglu");
-    ``e_sorted_P``: each slot's expert (non-decreasing); ``offs_E``: int32 end offset of each expert's rows.
-    One ``torch.nn.functional.grouped_mm`` per projection over the jagged groups; biases are gathered per slot
-    (grouped_mm's own bias gets no gradient). Same sum as padding every group to the largest and one ``bmm``,
-    without the padding's copies and wasted rows. Measured once against the padded path in ``bench.layer``'s
-    harness (SwiGLU layer forward + backward, 1 thread, 2-core CPU): the speed-up over ``MixtralSparseMoeBlock``
-    went from 0.81–1.57× padded to 1.01–1.97× unpadded over six shapes (T = 512, 2048; D = 32, 64; E = 4, 8).
+    ``activation`` names an entry of :data:`~moewidgets.nn.activations.ACTIVATIONS`; the bank holds that entry's
+    weights (``Activation.weights``) as attributes with the leading expert axis E. Our banks and the views the
+    Hugging Face adapter builds over a transformers model (``moewidgets.geometry.alignment``) both satisfy it; read
+    the weights through :func:`bank_weights`.
     """
-    gmm = F_.grouped_mm
-    if activation == "gelu":
-        h_PF = gmm(x_PD, w["w_in_EFD"].transpose(1, 2), offs=offs_E) + w["b_in_EF"].index_select(0, e_sorted_P)
-        return (gmm(F_.gelu(h_PF), w["w_out_EDF"].transpose(1, 2), offs=offs_E)
-                + w["b_out_ED"].index_select(0, e_sorted_P))
-    g_PF = gmm(x_PD, w["w_gate_EFD"].transpose(1, 2), offs=offs_E)
-    u_PF = gmm(x_PD, w["w_up_EFD"].transpose(1, 2), offs=offs_E)
-    return gmm(F_.silu(g_PF) * u_PF, w["w_out_EDF"].transpose(1, 2), offs=offs_E)
+
+    activation: str
 
 
-class GELUExperts(nn.Module):
-    """E two-layer GELU experts, ``E_e(x) = W_out[e] gelu(W_in[e] x + b_in[e]) + b_out[e]`` (paper 1, chapter 1).
+def bank_weights(bank, detach: bool = False) -> dict[str, torch.Tensor]:
+    """A bank's weights by their contract names, in the table's order (``w_in_EFD, b_in_EF, w_out_EDF, b_out_ED``
+    plain; ``w_gate_EFD, w_up_EFD, w_out_EDF`` gated); ValueError naming what is missing.
+
+    >>> sorted(bank_weights(ReLUExperts(2, 4, 8)))
+    ['b_in_EF', 'b_out_ED', 'w_in_EFD', 'w_out_EDF']
+    """
+    act = acts.activation(getattr(bank, "activation", None))
+    out = {}
+    for name in act.weights:
+        w = getattr(bank, name, None)
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"experts.{name} is missing (got {type(w).__name__}); a {act.name!r} bank must expose "
+                             f"{', '.join(act.weights)}")
+        out[name] = w.detach() if detach else w
+    return out
+
+
+class _Bank(nn.Module):
+    """Methods every bank shares: the forwards of :mod:`moewidgets.nn.functional` on the bank's own weights."""
+
+    activation: str
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The bank's weights by name: its own parameter dict (registered in the table's order, the names of
+        :func:`bank_weights`; no copy, since this runs in every forward)."""
+        return self._parameters
+
+    def all_outputs(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, (T, E, D). The dense-dispatch path and the oracles use it."""
+        return fn.expert_all_outputs(self.activation, self.weights(), x_TD)
+
+    def grouped_outputs(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """Expert e on its own (padded) token group: x_ECD (E, C, D) → (E, C, D). The gather-dispatch path."""
+        return fn.expert_grouped_outputs(self.activation, self.weights(), x_ECD)
+
+    def ragged_outputs(self, x_PD: torch.Tensor, e_sorted_P: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """Slots sorted by expert through their experts, no padding (:func:`ragged_expert_outputs`), (P, D)."""
+        return fn.ragged_expert_outputs(self.activation, self.weights(), x_PD, e_sorted_P, offs_E)
+
+    def expert_output(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` alone on tokens x_TD, (T, D): the slow, obvious version the tests compare against."""
+        return fn.expert_output(self.activation, self.weights(), e, x_TD)
+
+
+class PlainExperts(_Bank):
+    """E two-layer experts ``E_e(x) = W_out[e] φ(W_in[e] x + b_in[e]) + b_out[e]`` with φ = ``activation``
+    (a plain entry of :data:`~moewidgets.nn.activations.ACTIVATIONS`: "gelu", "relu").
 
     Parameters: ``w_in_EFD`` (E, F, D), ``b_in_EF`` (E, F), ``w_out_EDF`` (E, D, F), ``b_out_ED`` (E, D).
 
-    >>> bank = GELUExperts(n_experts=4, d_model=8, d_hidden=16, generator=torch.Generator().manual_seed(0))
+    >>> bank = PlainExperts(4, 8, 16, generator=torch.Generator().manual_seed(0), activation="relu")
     >>> bank.all_outputs(torch.zeros(3, 8)).shape    # (T, E, D)
     torch.Size([3, 4, 8])
     """
 
-    activation = "gelu"
-
     def __init__(self, n_experts: int, d_model: int, d_hidden: int, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, activation: str = "gelu"):
         super().__init__()
+        if acts.activation(activation).gated:
+            raise ValueError(f"activation={activation!r} is a gated (GLU) activation; use GatedExperts")
+        self.activation = activation
         E, D, F = n_experts, d_model, d_hidden
         self.n_experts, self.d_model, self.d_hidden = E, D, F
         self.w_in_EFD = nn.Parameter(fan_in_uniform_(torch.empty(E, F, D, dtype=dtype), D, generator))
@@ -94,72 +141,64 @@ class GELUExperts(nn.Module):
         """Pre-activations of every expert for every token, (T, E, F)."""
         return torch.einsum("td,efd->tef", x_TD, self.w_in_EFD) + self.b_in_EF
 
-    def all_outputs(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, (T, E, D). The dense-dispatch path and the oracles use it."""
-        a_TEF = F_.gelu(self.hidden(x_TD))
-        return torch.einsum("tef,edf->ted", a_TEF, self.w_out_EDF) + self.b_out_ED
 
-    def grouped_outputs(self, x_ECD: torch.Tensor) -> torch.Tensor:
-        """Expert e on its own token group: x_ECD (E, C, D) → (E, C, D). The gather-dispatch path uses it."""
-        h_ECF = torch.baddbmm(self.b_in_EF.unsqueeze(1), x_ECD, self.w_in_EFD.transpose(1, 2))
-        return torch.baddbmm(self.b_out_ED.unsqueeze(1), F_.gelu(h_ECF), self.w_out_EDF.transpose(1, 2))
-
-    def ragged_outputs(self, x_PD: torch.Tensor, e_sorted_P: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        """Slots sorted by expert through their experts, no padding (:func:`ragged_expert_outputs`), (P, D)."""
-        return ragged_expert_outputs("gelu", {"w_in_EFD": self.w_in_EFD, "b_in_EF": self.b_in_EF,
-                                              "w_out_EDF": self.w_out_EDF, "b_out_ED": self.b_out_ED},
-                                     x_PD, e_sorted_P, offs_E)
-
-    def expert_output(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` alone on tokens x_TD, (T, D): the slow, obvious version the tests compare against."""
-        h_TF = x_TD @ self.w_in_EFD[e].T + self.b_in_EF[e]
-        return F_.gelu(h_TF) @ self.w_out_EDF[e].T + self.b_out_ED[e]
-
-
-class SwiGLUExperts(nn.Module):
-    """E SwiGLU experts, ``E_e(x) = W_out[e] (silu(W_gate[e] x) ⊙ W_up[e] x)`` (Mixtral, Qwen-MoE, OLMoE).
+class GatedExperts(_Bank):
+    """E gated (GLU) experts ``E_e(x) = W_out[e] (φ(W_gate[e] x) ⊙ W_up[e] x)``, φ = silu for "swiglu" (Mixtral,
+    Qwen-MoE, OLMoE).
 
     Parameters: ``w_gate_EFD`` (E, F, D), ``w_up_EFD`` (E, F, D), ``w_out_EDF`` (E, D, F); no biases.
     """
 
-    activation = "swiglu"
-
     def __init__(self, n_experts: int, d_model: int, d_hidden: int, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, activation: str = "swiglu"):
         super().__init__()
+        if not acts.activation(activation).gated:
+            raise ValueError(f"activation={activation!r} is not a gated (GLU) activation; use PlainExperts")
+        self.activation = activation
         E, D, F = n_experts, d_model, d_hidden
         self.n_experts, self.d_model, self.d_hidden = E, D, F
         self.w_gate_EFD = nn.Parameter(fan_in_uniform_(torch.empty(E, F, D, dtype=dtype), D, generator))
         self.w_up_EFD = nn.Parameter(fan_in_uniform_(torch.empty(E, F, D, dtype=dtype), D, generator))
         self.w_out_EDF = nn.Parameter(fan_in_uniform_(torch.empty(E, D, F, dtype=dtype), F, generator))
 
-    def all_outputs(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, (T, E, D)."""
-        g_TEF = torch.einsum("td,efd->tef", x_TD, self.w_gate_EFD)
-        u_TEF = torch.einsum("td,efd->tef", x_TD, self.w_up_EFD)
-        return torch.einsum("tef,edf->ted", F_.silu(g_TEF) * u_TEF, self.w_out_EDF)
 
-    def grouped_outputs(self, x_ECD: torch.Tensor) -> torch.Tensor:
-        """Expert e on its own token group: x_ECD (E, C, D) → (E, C, D)."""
-        g_ECF = torch.bmm(x_ECD, self.w_gate_EFD.transpose(1, 2))
-        u_ECF = torch.bmm(x_ECD, self.w_up_EFD.transpose(1, 2))
-        return torch.bmm(F_.silu(g_ECF) * u_ECF, self.w_out_EDF.transpose(1, 2))
+class GELUExperts(PlainExperts):
+    """E two-layer GELU experts, ``E_e(x) = W_out[e] gelu(W_in[e] x + b_in[e]) + b_out[e]`` (paper 1, chapter 1).
 
-    def ragged_outputs(self, x_PD: torch.Tensor, e_sorted_P: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        """Slots sorted by expert through their experts, no padding (:func:`ragged_expert_outputs`), (P, D)."""
-        return ragged_expert_outputs("swiglu", {"w_gate_EFD": self.w_gate_EFD, "w_up_EFD": self.w_up_EFD,
-                                                "w_out_EDF": self.w_out_EDF}, x_PD, e_sorted_P, offs_E)
+    >>> bank = GELUExperts(n_experts=4, d_model=8, d_hidden=16, generator=torch.Generator().manual_seed(0))
+    >>> bank.all_outputs(torch.zeros(3, 8)).shape    # (T, E, D)
+    torch.Size([3, 4, 8])
+    """
 
-    def expert_output(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` alone on tokens x_TD, (T, D)."""
-        return (F_.silu(x_TD @ self.w_gate_EFD[e].T) * (x_TD @ self.w_up_EFD[e].T)) @ self.w_out_EDF[e].T
+    def __init__(self, n_experts: int, d_model: int, d_hidden: int, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(n_experts, d_model, d_hidden, generator, dtype, "gelu")
+
+
+class ReLUExperts(PlainExperts):
+    """E two-layer ReLU experts, ``E_e(x) = W_out[e] relu(W_in[e] x + b_in[e]) + b_out[e]``."""
+
+    def __init__(self, n_experts: int, d_model: int, d_hidden: int, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(n_experts, d_model, d_hidden, generator, dtype, "relu")
+
+
+class SwiGLUExperts(GatedExperts):
+    """E SwiGLU experts, ``E_e(x) = W_out[e] (silu(W_gate[e] x) ⊙ W_up[e] x)`` (Mixtral, Qwen-MoE, OLMoE)."""
+
+    def __init__(self, n_experts: int, d_model: int, d_hidden: int, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(n_experts, d_model, d_hidden, generator, dtype, "swiglu")
 
 
 def make_experts(kind: str, n_experts: int, d_model: int, d_hidden: int,
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The expert bank named by ``MoEConfig.expert`` ("gelu" | "swiglu")."""
-    if kind == "gelu":
-        return GELUExperts(n_experts, d_model, d_hidden, generator, dtype)
-    if kind == "swiglu":
-        return SwiGLUExperts(n_experts, d_model, d_hidden, generator, dtype)
-    raise ValueError(f"expert={kind!r} must be one of 'gelu', 'swiglu'")
+    """The expert bank named by ``MoEConfig.expert`` (an entry of :data:`~moewidgets.nn.activations.ACTIVATIONS`).
+
+    >>> make_experts("relu", 2, 4, 8).activation
+    'relu'
+    """
+    if kind not in acts.ACTIVATIONS:
+        raise ValueError(f"expert={kind!r} must be one of {', '.join(repr(a) for a in acts.ACTIVATIONS)}")
+    cls = GatedExperts if acts.activation(kind).gated else PlainExperts
+    return cls(n_experts, d_model, d_hidden, generator, dtype, kind)

@@ -1,6 +1,9 @@
 """The MoE layer and its dense baselines.
 
-Shape legend: T tokens, D model width, F expert hidden width, E experts, K top-k, C tokens per expert (padded).
+Shape legend: T tokens, D model width, F expert hidden width, E experts, K top-k, C capacity: tokens per expert (padded).
+
+The maths are the pure functions of :mod:`moewidgets.nn.functional` (the seed groups of
+:mod:`moewidgets.multiseed` call the same ones); this module holds the parameters and the order of the steps.
 
     y(x) = Σ_{i ∈ top-k(x)} g_i(x) E_i(x)
 
@@ -19,14 +22,16 @@ Two exact dispatch paths compute the same sum (tests check both against a per-to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..balance import loss_free_update
 from ..config import MoEConfig
+from . import functional as fn
+from .activations import activation
 from .experts import make_experts, ragged_available
+from .functional import gather_combine
 from .routers import RouterOutput, make_router
 
 __all__ = ["MoEOutput", "MoELayer", "DenseFFN", "make_layer", "choose_dispatch", "gather_combine", "DISPATCHES"]
@@ -52,42 +57,9 @@ def choose_dispatch(n_tokens: int, n_experts: int, k: int, d_model: int, d_hidde
     """
     if k == n_experts:
         return "dense"
-    matmuls = 3 if expert == "swiglu" else 2
+    matmuls = activation(expert).matmuls
     wasted_flops = 3.0 * matmuls * n_tokens * (n_experts - k) * d_hidden * d_model
     return "dense" if wasted_flops < 14e6 else "gather"
-
-
-def gather_combine(x_TD: torch.Tensor, gates_TK: torch.Tensor, group_TK: torch.Tensor, n_groups: int,
-                   grouped_outputs: Callable[[torch.Tensor], torch.Tensor],
-                   ragged_outputs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                   ) -> torch.Tensor:
-    """The gather path: ``y_t = Σ_slots gate · E_group(x_t)``, (T, D), each slot's group (expert) run only on the
-    tokens routed to it. The P = T·K (token, slot) pairs are sorted by group once; then either
-    ``ragged_outputs(x_PD, group_sorted_P, offs_G)`` runs the jagged groups unpadded (``offs_G``: int32 end offset
-    of each group), or (``ragged_outputs=None``) every group is padded to C = the largest and
-    ``grouped_outputs(x_GCD) → (G, C, D)`` runs them as one batched matmul; the gated outputs are scatter-added back.
-
-    ``MoELayer`` uses it with its E experts as the groups; :class:`~moewidgets.multiseed.MultiSeedTrainer` with the
-    S·E (seed, expert) pairs of its stacked models.
-    """
-    T, K = group_TK.shape
-    D = x_TD.shape[1]
-    flat_g = group_TK.reshape(-1)                                  # (P,) group of each slot
-    order = torch.argsort(flat_g, stable=True)                     # slots grouped by group
-    g_sorted = flat_g[order]
-    tok_sorted = torch.div(order, K, rounding_mode="floor")        # token of each sorted slot
-    counts_G = torch.bincount(flat_g, minlength=n_groups)
-    if ragged_outputs is not None:                                 # no padding: grouped_mm over the jagged groups
-        offs_G = torch.cumsum(counts_G, 0).to(torch.int32)
-        y_PD = ragged_outputs(x_TD.index_select(0, tok_sorted), g_sorted, offs_G)
-    else:                                                          # pad every group to C, one bmm per projection
-        starts_G = torch.cumsum(counts_G, 0) - counts_G
-        pos = torch.arange(T * K, device=x_TD.device) - starts_G[g_sorted]        # slot's row inside its group
-        C = int(counts_G.max())
-        x_GCD = x_TD.new_zeros(n_groups, C, D).index_put((g_sorted, pos), x_TD[tok_sorted])
-        y_PD = grouped_outputs(x_GCD)[g_sorted, pos]
-    y_PD = y_PD * gates_TK.reshape(-1).index_select(0, order).unsqueeze(1)         # (P, D), gated
-    return x_TD.new_zeros(T, D).index_add(0, tok_sorted, y_PD)
 
 
 class MoELayer(nn.Module):
@@ -138,20 +110,14 @@ class MoELayer(nn.Module):
         return MoEOutput(y_TD, routing.aux_loss, routing)
 
     def _combine_dense(self, x_TD, gates_TK, idx_TK):
-        y_TED = self.experts.all_outputs(x_TD)
-        if idx_TK.shape[1] == self.cfg.n_experts and self.cfg.lf_rate == 0:
-            g_TE = gates_TK  # fully soft: slots are experts in index order (select_topk)
-        else:
-            g_TE = torch.zeros(gates_TK.shape[0], self.cfg.n_experts, dtype=gates_TK.dtype,
-                               device=gates_TK.device).scatter(1, idx_TK, gates_TK)
-        return torch.einsum("te,ted->td", g_TE, y_TED)
+        soft = idx_TK.shape[-1] == self.cfg.n_experts and self.cfg.lf_rate == 0   # slots = experts in order
+        return fn.combine_dense(self.experts.all_outputs(x_TD), gates_TK, idx_TK, soft)
 
     def _combine_gather(self, x_TD, gates_TK, idx_TK):
         ragged = self.ragged
         if ragged is None:
             ragged = ragged_available(x_TD.device, x_TD.shape[1], self.cfg.d_hidden, x_TD.dtype)
-        return gather_combine(x_TD, gates_TK, idx_TK, self.cfg.n_experts, self.experts.grouped_outputs,
-                              self.experts.ragged_outputs if ragged else None)
+        return fn.combine_gather(self.experts.activation, self.experts.weights(), x_TD, gates_TK, idx_TK, ragged)
 
     @torch.no_grad()
     def after_step(self, loads_E: torch.Tensor) -> None:

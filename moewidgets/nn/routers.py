@@ -1,6 +1,6 @@
 """Routers: which experts each token goes to, and with what gate.
 
-Shape legend: T tokens, D model width, E experts, K top-k.
+Shape legend: T tokens, D model width, E experts, K top-k, F expert hidden width, S seeds (a seed group's axis).
 
 The router contract (``design.md``): ``router(x_TD, select_bias_E=None) -> RouterOutput`` with ``gates_TK``,
 ``idx_TK``, ``probs_TE`` (or ``None``), ``logits_TE`` and ``aux_loss`` (a scalar tensor, already weighted).
@@ -12,78 +12,60 @@ chapter-4 alignment metrics read.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
 
 import torch
-import torch.nn.functional as F_
 from torch import nn
 
-from ..balance import switch_aux_loss, z_loss
+from . import functional as fn
+from .activations import activation
 from .experts import fan_in_uniform_
+from .functional import RouterOutput, mpi_rows, select_topk
 
 __all__ = ["RouterOutput", "route_logits", "SoftmaxRouter", "MPIRouter", "KMeansRouter", "make_router", "select_topk",
            "mpi_rows", "input_side_weights"]
 
 
-@dataclass
-class RouterOutput:
-    """What a router decided for a batch of tokens (see module docstring for shapes)."""
-
-    gates_TK: torch.Tensor
-    idx_TK: torch.Tensor
-    probs_TE: torch.Tensor | None
-    logits_TE: torch.Tensor
-    aux_loss: torch.Tensor
-
-
-def select_topk(probs_TE: torch.Tensor, k: int, gate: str, select_bias_E: torch.Tensor | None = None,
-                scaled_logits_TE: torch.Tensor | None = None):
-    """Top-k selection and gate values, shared by every router that produces probabilities.
-
-    Selection ranks ``probs_TE + select_bias_E`` (the bias never enters a gate value). Gates:
-    ``gate="softmax"`` keeps ``p_i`` of the selected experts; ``gate="renorm"`` uses ``p_i / Σ_{j∈top-k} p_j``,
-    computed as a softmax over the selected ``scaled_logits_TE = z/τ`` when they are given (same value; then
-    unselected logits get exactly zero gradient, and at k = 1 the router gets none at all).
-    For ``k == E`` the selection is every expert (fully soft routing, gates = p under "softmax").
-
-    Returns ``(gates_TK, idx_TK)``.
-    """
-    T, E = probs_TE.shape
-    if k == E and select_bias_E is None:
-        # fully soft: every expert, in a fixed order (saves a sort; the order of slots carries no meaning here)
-        idx_TK = torch.arange(E, device=probs_TE.device).expand(T, E)
-        gates_TK = probs_TE
-    else:
-        scores_TE = probs_TE if select_bias_E is None else probs_TE + select_bias_E
-        idx_TK = torch.topk(scores_TE.detach(), k, dim=-1).indices
-        gates_TK = probs_TE.gather(1, idx_TK)
-    if gate == "renorm":
-        if scaled_logits_TE is not None:
-            gates_TK = torch.softmax(scaled_logits_TE.gather(1, idx_TK), dim=-1)
-        else:
-            gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
-    return gates_TK, idx_TK
-
-
 def route_logits(logits_TE: torch.Tensor, k: int, temperature: float, gate: str, aux_weight: float = 0.0,
                  z_weight: float = 0.0, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
-    """From router logits to a :class:`RouterOutput`, shared by every logit router (softmax, MPI):
-    ``p = softmax(z / τ)``, top-k selection and gates (:func:`select_topk`), and the weighted balancing losses
-    ``aux_weight · E Σ f_i P_i + z_weight · mean(logsumexp(z)²)``."""
-    scaled_TE = logits_TE / temperature
-    probs_TE = torch.softmax(scaled_TE, dim=-1)
-    gates_TK, idx_TK = select_topk(probs_TE, k, gate, select_bias_E, scaled_TE)
-    aux = logits_TE.new_zeros(())
-    if aux_weight > 0:
-        aux = aux + aux_weight * switch_aux_loss(probs_TE, idx_TK)
-    if z_weight > 0:
-        aux = aux + z_weight * z_loss(logits_TE)
-    return RouterOutput(gates_TK, idx_TK, probs_TE, logits_TE, aux)
+    """From router logits to a :class:`RouterOutput`: :func:`moewidgets.nn.functional.route` (probabilities with
+    temperature, top-k with the selection-only bias, gates, weighted aux and z losses)."""
+    return fn.route(logits_TE, k, temperature, gate, aux_weight, z_weight, select_bias_E)
 
 
-class SoftmaxRouter(nn.Module):
+class _Router(nn.Module):
+    """What every router shares: the routing after the logits, and the logits from given tensors.
+
+    ``logits_with(params, buffers, bank_w, x)`` computes the logits from tensors named as this router's own
+    parameters and buffers (and the expert bank's weights, ``bank_w``): the router's ``logits(x)`` passes its own,
+    and :class:`~moewidgets.multiseed.MultiSeedTrainer` passes S seeds' stacked copies (x (S, T, D), logits
+    expert-major (S, E, T)). Stateful routers add ``prepare_with`` (before the logits) and ``update_with`` (after
+    a training forward) on the same terms.
+    """
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """This router's own parameters and buffers by name (what ``logits_with`` takes; the module's own dicts,
+        read-only by convention: no copy, since this runs in every forward)."""
+        return self._parameters, self._buffers
+
+    def bank_weights(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits, (T, E)."""
+        params, buffers = self.state()
+        return self.logits_with(params, buffers, self.bank_weights(), x_TD)
+
+    def route_with(self, logits_TE: torch.Tensor, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
+        """:func:`moewidgets.nn.functional.route` with this router's k, τ, gate convention and loss weights."""
+        return fn.route(logits_TE, self.k, self.temperature, self.gate, self.aux_weight, self.z_weight,
+                        select_bias_E)
+
+    def forward(self, x_TD: torch.Tensor, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
+        return self.route_with(self.logits(x_TD), select_bias_E)
+
+
+class SoftmaxRouter(_Router):
     """Linear softmax router with temperature and top-k: ``p = softmax((W_r x + b_r) / τ)``.
 
     Args:
@@ -111,57 +93,29 @@ class SoftmaxRouter(nn.Module):
         self.w_ED = nn.Parameter(fan_in_uniform_(torch.empty(n_experts, d_model, dtype=dtype), d_model, generator))
         self.b_E = nn.Parameter(torch.zeros(n_experts, dtype=dtype))
 
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router logits ``z = W_r x + b_r``, (T, E)."""
-        return torch.addmm(self.b_E, x_TD, self.w_ED.T)
+    def logits_with(self, params, buffers, bank_w, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits ``z = W_r x + b_r``, (T, E) (:func:`~moewidgets.nn.functional.linear_logits`)."""
+        return fn.linear_logits(params["w_ED"], params["b_E"], x_TD)
 
     def effective_rows_ED(self) -> torch.Tensor:
         """The rows the logits use, (E, D): ``w_ED`` itself (chapter 4 compares them with the experts)."""
         return self.w_ED
 
-    def forward(self, x_TD: torch.Tensor, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
-        return route_logits(self.logits(x_TD), self.k, self.temperature, self.gate, self.aux_weight,
-                            self.z_weight, select_bias_E)
 
 
 def input_side_weights(experts) -> torch.Tensor:
     """The expert matrices an MPI router aligns with, (E, F, D): ``w_in_EFD`` of a GELU bank (its first layer),
-    ``w_gate_EFD`` of a SwiGLU bank (the SiLU-gated projection, as in the official code; spec §2.3)."""
+    ``w_gate_EFD`` of a SwiGLU bank (the SiLU-gated projection, as in the official code): the table entry's
+    ``input_weight`` (chapter 4)."""
     act = getattr(experts, "activation", None)
-    if act == "gelu":
-        return experts.w_in_EFD
-    if act == "swiglu":
-        return experts.w_gate_EFD
-    raise ValueError(f"experts.activation={act!r} must be 'gelu' or 'swiglu' (an expert bank of moewidgets.nn.experts)")
+    try:
+        return getattr(experts, activation(act).input_weight)
+    except ValueError:
+        raise ValueError(f"experts.activation={act!r} must be one of the activation table's names "
+                         "(moewidgets.nn.activations.ACTIVATIONS; an expert bank of moewidgets.nn.experts)") from None
 
 
-def mpi_rows(r_ED: torch.Tensor, w_EFD: torch.Tensor, scale: float, steps: int = 1,
-             detach: bool = False) -> torch.Tensor:
-    """The Manifold Power Iteration rows ``R'_i = C · normalize(R_i W_iᵀ W_i)``, repeated ``steps`` times.
-
-    One step per row i is a power-iteration step with ``M_i = W_iᵀ W_i`` (D×D) followed by the retraction to the
-    sphere of radius ``C = scale``: ``r ← C · r M_i / ‖r M_i‖``. Computed as two batched products (never forming
-    ``M_i``), ``2·E·F·D`` multiply-adds per step. ``detach=True`` stops the gradient into ``w_EFD``.
-
-    Shapes: ``r_ED`` (E, D), ``w_EFD`` (E, F, D) → (E, D), every row of norm ``scale``.
-
-    >>> r = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
-    >>> w = torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(1))
-    >>> mpi_rows(r, w, scale=0.5).norm(dim=1)
-    tensor([0.5000, 0.5000, 0.5000, 0.5000])
-
-    Chapter 4 (book/chapter4.ipynb).
-    """
-    if detach:
-        w_EFD = w_EFD.detach()
-    phi_ED = r_ED
-    for _ in range(steps):   # two bmm's per step (measured ≈ 2× faster than einsum at widget sizes, fwd + bwd)
-        h_EF1 = torch.bmm(w_EFD, phi_ED.unsqueeze(2))                                   # W_i r_i
-        phi_ED = F_.normalize(torch.bmm(h_EF1.transpose(1, 2), w_EFD).squeeze(1), dim=-1)  # W_iᵀ W_i r_i, retracted
-    return scale * phi_ED
-
-
-class MPIRouter(nn.Module):
+class MPIRouter(_Router):
     """Manifold Power Iteration router (Wu et al. 2026; the official code's semantics, spec §2.4–§2.5).
 
     The trained parameter ``r_ED`` (E, D) is never overwritten. Every forward recomputes the effective rows::
@@ -235,23 +189,33 @@ class MPIRouter(nn.Module):
         """Back to recomputing ``R'`` in every forward (training)."""
         self.frozen_ED = None
 
+    def bank_weights(self) -> dict[str, torch.Tensor]:
+        return {activation(self.experts.activation).input_weight: input_side_weights(self.experts)}
+
+    def logits_with(self, params, buffers, bank_w, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits ``z = R' x`` (no bias, as in the official code), R' recomputed from ``r_ED`` and the bank's
+        input-side weights (:func:`~moewidgets.nn.functional.mpi_logits`), (T, E)."""
+        return fn.mpi_logits(params["r_ED"], bank_w[activation(self.experts.activation).input_weight], x_TD,
+                             self.row_norm, self.power_steps, self.detach)
+
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router logits ``z = R' x``, (T, E) (no bias, as in the official code)."""
-        return x_TD @ self.effective_rows_ED().T
+        """Router logits ``z = R' x``, (T, E) (the precomputed rows after :meth:`precompute`)."""
+        if self.frozen_ED is not None:
+            return x_TD @ self.frozen_ED.T
+        return super().logits(x_TD)
 
     def forward(self, x_TD: torch.Tensor, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
         if self.frozen_ED is not None and self.training and torch.is_grad_enabled():
             raise RuntimeError("MPIRouter: the precomputed rows are for inference; call router.thaw() before "
                                "training (or model.eval() / torch.no_grad() to infer)")
-        return route_logits(self.logits(x_TD), self.k, self.temperature, self.gate, self.aux_weight,
-                            self.z_weight, select_bias_E)
+        return super().forward(x_TD, select_bias_E)
 
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, k={self.k}, C'={self.scale:g} (C={self.row_norm:.3g}), "
                 f"power_steps={self.power_steps}, detach={self.detach}")
 
 
-class KMeansRouter(nn.Module):
+class KMeansRouter(_Router):
     """The parameter-free online K-Means router (Ahrac, Hochwald, Geva 2026; spec §1.7, our reference algorithm).
 
     Each expert keeps a running mean ``C_i`` of the token states routed to it (a buffer, never a parameter).
@@ -319,48 +283,38 @@ class KMeansRouter(nn.Module):
         if T < self.n_experts:
             raise ValueError(f"KMeansRouter: the first training batch has T={T} tokens, initialising needs at least "
                              f"n_experts={self.n_experts} (one distinct token per centroid)")
-        g = torch.Generator().manual_seed(self.init_seed)
-        pick_E = torch.randperm(T, generator=g)[: self.n_experts].to(x_TD.device)
-        self.centroids_ED.copy_(x_TD.detach()[pick_E])
-        self.counts_E.zero_()
+        fn.kmeans_init(self.centroids_ED, self.counts_E, x_TD, self.init_seed)
         self.initialized.fill_(True)
 
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Cosine scores ``s = x̂ Ĉᵀ``, (T, E)."""
-        if self.detach:
-            x_TD = x_TD.detach()
-        return F_.normalize(x_TD, dim=-1) @ F_.normalize(self.centroids_ED, dim=-1).T
+    def logits_with(self, params, buffers, bank_w, x_TD: torch.Tensor) -> torch.Tensor:
+        """Cosine scores ``s = x̂ Ĉᵀ``, (T, E) (:func:`~moewidgets.nn.functional.cosine_logits`)."""
+        return fn.cosine_logits(buffers["centroids_ED"], x_TD, self.detach)
 
-    def forward(self, x_TD: torch.Tensor, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
-        if not bool(self.initialized):
-            if not self.training:
+    @torch.no_grad()
+    def prepare_with(self, buffers, x_TD: torch.Tensor, training: bool, init_seeds) -> None:
+        """Before the scores: initialise the centroids on the first training batch (every replica at once)."""
+        flag = buffers["initialized"]
+        if not bool(flag if flag.dim() == 0 else flag.all()):
+            if not training:
                 raise RuntimeError("KMeansRouter: the centroids are not initialised yet; run one training forward "
                                    "(model.train()) or call router.init_centroids(x_TD) first")
-            self.init_centroids(x_TD)
-        return route_logits(self.logits(x_TD), self.k, self.temperature, self.gate, self.aux_weight,
-                            self.z_weight, select_bias_E)
+            fn.kmeans_init(buffers["centroids_ED"], buffers["counts_E"], x_TD, init_seeds)
+            buffers["initialized"].fill_(True)
+
+    @torch.no_grad()
+    def update_with(self, buffers, x_TD: torch.Tensor, idx_TK: torch.Tensor, active_S=None) -> None:
+        """After a training forward: :func:`~moewidgets.nn.functional.kmeans_update` of the given state."""
+        fn.kmeans_update(buffers["centroids_ED"], buffers["counts_E"], x_TD, idx_TK, self.mode, self.rate,
+                         self.normalize, active_S)
+
+    def forward(self, x_TD: torch.Tensor, select_bias_E: torch.Tensor | None = None) -> RouterOutput:
+        self.prepare_with(self.state()[1], x_TD, self.training, self.init_seed)
+        return super().forward(x_TD, select_bias_E)
 
     @torch.no_grad()
     def update(self, x_TD: torch.Tensor, out: RouterOutput) -> None:
         """Move every centroid towards the mean of this batch's tokens routed to it (see the class docstring)."""
-        x_TD = x_TD.detach()
-        if self.normalize:
-            x_TD = F_.normalize(x_TD, dim=-1)
-        T, K = out.idx_TK.shape
-        E, D = self.centroids_ED.shape
-        flat_e = out.idx_TK.reshape(-1)                                        # (T·K,) expert of each slot
-        x_SD = x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D)             # (T·K, D) token of each slot
-        sum_ED = x_TD.new_zeros(E, D).index_add_(0, flat_e, x_SD)
-        n_E = x_TD.new_zeros(E).index_add_(0, flat_e, torch.ones_like(flat_e, dtype=x_TD.dtype))
-        hit_E = n_E > 0                                                        # experts with no token keep C_i
-        if self.mode == "ema":
-            mean_ED = sum_ED / n_E.clamp_min(1).unsqueeze(1)
-            new_ED = (1 - self.rate) * self.centroids_ED + self.rate * mean_ED
-        else:
-            total_E = self.counts_E + n_E
-            new_ED = (self.counts_E.unsqueeze(1) * self.centroids_ED + sum_ED) / total_E.clamp_min(1).unsqueeze(1)
-        self.centroids_ED.copy_(torch.where(hit_E.unsqueeze(1), new_ED, self.centroids_ED))
-        self.counts_E.add_(n_E)
+        self.update_with(self.state()[1], x_TD, out.idx_TK)
 
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, k={self.k}, mode={self.mode}, rate={self.rate:g}, "

@@ -14,12 +14,17 @@ import torch
 from ..config import MoEConfig, RunConfig, TaskConfig, TrainConfig
 from ..sweep import Job
 from ..train import torch_threads
-from .common import (_with_init_views, PROBE_POINTS, ClaimResult, _by_arm, _compare, _shifted, _versus_constant,
-                     one_seed, seed_group_job, seed_results, train_seed_group)
+from .common import (_with_init_views, PROBE_POINTS, ClaimResult, ClaimSpec, _by_arm, _compare, _shifted,
+                     _training_moved, _versus_constant, one_seed, seed_group_job, seed_range, seed_results,
+                     train_seed_group)
+
+_REF = "router-coupling-and-mpi.md §2.10"
+#: MPI-h: the paper's training-throughput cost of the power step (0.2 %, 11B model); the threshold of the claim.
+MPI_H_OVERHEAD = 0.002
 
 __all__ = ["CHAPTER4_ARMS", "CHAPTER4_TRAIN", "chapter4_run", "chapter4_job", "chapter4_seeds_job",
            "chapter4_timing_job",
-           "chapter4_jobs", "chapter4_claims", "PINNED_METRICS_CH4"]
+           "chapter4_jobs", "chapter4_claims", "PINNED_METRICS_CH4", "CLAIMS", "MPI_H_OVERHEAD"]
 
 
 # The arms of chapter 4 (MLP-MoE of chapter 1: E = 8, k = 2, D = 32, m = 64 GELU experts; gate "renorm" as in the
@@ -199,11 +204,13 @@ def chapter4_timing_job(payload: dict, seed: int) -> dict[str, Any]:
         return out
 
 
-def chapter4_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool = True,
-                  timing: bool = True) -> list[Job]:
+def chapter4_jobs(seeds: int = 10, arms: list[str] | None = None, converge: bool = True,
+                  timing: bool = True, seed_start: int = 0) -> list[Job]:
     """The chapter-4 claim-run jobs: one seed group per arm (every seed at once), plus (``converge``) the
     4×-longer convergence runs (a group per arm) and
-    (``timing``) one interleaved timing job per seed (:func:`chapter4_timing_job`)."""
+    (``timing``) one interleaved timing job per seed (:func:`chapter4_timing_job`); seeds ``seed_start`` …
+    ``seed_start + seeds − 1``."""
+    seeds = seed_range(seeds, seed_start)
     fn = "moewidgets.reproduce:chapter4_seeds_job"
     jobs = []
     for arm in arms or list(CHAPTER4_ARMS):
@@ -212,11 +219,34 @@ def chapter4_jobs(seeds: int = 5, arms: list[str] | None = None, converge: bool 
             jobs.append(seed_group_job(arm + ":4x", fn, {"run": chapter4_run(arm, 0, 4).to_dict(),
                                                          "converge_only": True}, seeds))
     if timing:
-        for seed in range(seeds):
+        for seed in seeds:
             jobs.append(Job("timing", "moewidgets.reproduce:chapter4_timing_job",
                             {"tokens": 256, "rounds": 30, "steps": 10}, seed))
     return jobs
 
+
+
+#: The claims chapter 4 tests, declared once (the ledger is generated from these).
+CLAIMS: tuple[ClaimSpec, ...] = (
+    ClaimSpec("MPI-a", "the MPI power step is a retracted Riemannian gradient step",
+              "relative error between the two steps (float64)", "error − 1e-10 < 0", _REF),
+    ClaimSpec("MPI-b", "repeated power steps reach the top singular vector at rate (σ2/σ1)²",
+              "min |cos(r, v1)| after 200 steps; per-step rate error", "cos − 0.999 > 0; error − 1e-6 < 0", _REF),
+    ClaimSpec("MPI-c", "at initialisation MPI rows align better with the experts than a plain router's",
+              "alignment λ(R'), |cos(R'_i, v1)| at init", "MPI − plain > 0", _REF),
+    ClaimSpec("MPI-d", "the alignment gap survives training (≥ 0.2 in λ)", "λ(R'), |cos(R'_i, v1)| after training",
+              "MPI − (plain + 0.2) > 0", _REF),
+    ClaimSpec("MPI-e", "equal row norms give better load balance",
+              "row-norm error; MaxVio (global, batch) vs the plain router", "MPI − plain < 0", _REF),
+    ClaimSpec("MPI-f", "MPI does not cost loss (paper: slightly lower)", "probe MSE vs the plain router",
+              "MPI − plain < 0", _REF),
+    ClaimSpec("MPI-g", "one power step per forward is enough; ten cost more and do not help",
+              "probe MSE and time per step, 10 steps vs 1", "10 − 1 > 0", _REF),
+    ClaimSpec("MPI-h", "the power step is cheap (paper: 0.2 % overhead), and precomputing R' makes inference identical",
+              "time ratio to the plain router vs 1.002; logit error of precomputed R'", "ratio − 1.002 < 0", _REF),
+    ClaimSpec("MPI-i", "detaching W in the power step changes loss and alignment (ours)",
+              "probe MSE, λ(R'): detached vs official", "detached − official: MSE > 0, λ < 0", _REF),
+)
 
 
 def chapter4_claims(rows: list[dict]) -> list[ClaimResult]:
@@ -252,8 +282,9 @@ def chapter4_claims(rows: list[dict]) -> list[ClaimResult]:
         _compare(arms, "MPI-g", "10 power steps: higher probe MSE than 1", "probe_mse", "mpi-10", "mpi", +1),
         _versus_constant(arms, "MPI-g", "10 power steps cost more per step than 1 (time ratio > 1)",
                          "mpi10_over_mpi", "timing", 1.0, +1, converged=True),
-        _versus_constant(arms, "MPI-h", "the power step costs time per training step (ratio to softmax > 1)",
-                         "mpi_over_softmax", "timing", 1.0, +1, converged=True),
+        _versus_constant(arms, "MPI-h", f"the power step is cheap: time per training step within the paper's "
+                         f"{MPI_H_OVERHEAD:.1%} of softmax (ratio < {1 + MPI_H_OVERHEAD:g})", "mpi_over_softmax",
+                         "timing", 1.0 + MPI_H_OVERHEAD, -1, converged=True),
         _versus_constant(arms, "MPI-h", "precomputed R' gives the same logits (rel. error < 1e-6)",
                          "precompute_logit_err", "mpi", 1e-6, -1),
         _compare(arms, "MPI-i", "detached W (ours): probe MSE differs from official (higher)", "probe_mse",
@@ -261,6 +292,11 @@ def chapter4_claims(rows: list[dict]) -> list[ClaimResult]:
         _compare(arms, "MPI-i", "detached W (ours): λ(R') differs from official (lower)", "lam", "mpi-detach", "mpi",
                  -1),
     ]
+    # init and training separated (context): did training move the alignment?
+    for arm in ("softmax", "mpi"):
+        for metric in ("lam", "cos"):
+            if arm in arms and all(metric in m and "init_" + metric in m for m in arms[arm].values()):
+                out.append(_training_moved(arms, "MPI-d", metric, arm))
     return out
 
 
