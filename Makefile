@@ -134,13 +134,16 @@ reproduce: install
 # ---------------------------------------------------------------------------------------------
 # Classroom mode (app/README.md): the chapter dashboards as web pages, a fresh kernel per page load. The offline
 # template drops Voila's CDN stylesheet links; a closed page's kernel is culled after APP_CULL_S idle seconds;
-# Voila prints the URL with a fresh token.
+# Voila prints the URL with a fresh token. jupyterlab-myst (installed for the MyST chapters in JupyterLab) is kept out
+# of Voila's pages: it needs JupyterLab's markdown viewer, which Voila does not ship ("Shared module
+# @jupyterlab/markdownviewer doesn't exist"), and the app pages have no MyST to render.
 APP_PORT ?= 8866
 APP_IP ?= 127.0.0.1
 APP_CULL_S ?= 600
 app: install
 	JUPYTER_PATH=$(abspath app/.jupyter-path) $(VENV)/bin/voila app --template=offline --no-browser \
 		--Voila.ip=$(APP_IP) --port=$(APP_PORT) --Voila.port_retries=0 --token \
+		--VoilaConfiguration.extension_denylist='["jupyterlab-myst"]' \
 		--MappingKernelManager.cull_idle_timeout=$(APP_CULL_S) --MappingKernelManager.cull_interval=60
 
 figures: install

@@ -205,7 +205,7 @@ def _read_nonempty(path: Path) -> str:
 
 def check_split_size(path: Path, words: list[str]) -> None:
     """Warn (:class:`ShortSplitWarning`) when ``path`` (train/valid/test.txt) holds far fewer lines or words than
-    the real WikiText-2 file (:data:`EXPECTED_COUNTS`, below :data:`SHORT_FRACTION` of them), with the numbers."""
+    the real WikiText-2 file (:data:`EXPECTED_COUNTS`, below ``SHORT_FRACTION`` of them), with the numbers."""
     import warnings
     expected = EXPECTED_COUNTS.get(Path(path).name)
     if expected is None:

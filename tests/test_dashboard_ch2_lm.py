@@ -197,7 +197,8 @@ def test_bad_config_goes_to_the_status_line_and_keeps_the_plots(trained):
     text = config.to_json()
     assert '"k": 2' in text
     assert not dash.load_json(text.replace('"k": 2', '"k": 5'))
-    assert dash.status.startswith("error: config JSON: ") and dash.status.endswith("MoEConfig.k=5 must be in 1..n_experts=4")
+    assert dash.status.startswith("error: config JSON: ")
+    assert dash.status.endswith("MoEConfig.k=5 must be in 1..n_experts=4")
     assert not dash.load_json(text.replace('"n_layers": 2', '"n_layers": 0'))
     assert "n_layers=0" in dash.status
     assert not dash.load_json(text.replace('"arch": "moe"', '"arch": "dense"'))

@@ -63,3 +63,14 @@ def test_core_tensor_names_use_only_their_legends_letters(name):
     text = (PACKAGE / name).read_text()
     used = set("".join(re.findall(r"\b[a-z][a-z0-9_]*?_([A-Z]{1,5})\b", text)))
     assert used <= set(legend_letters(text)), sorted(used - set(legend_letters(text)))
+
+
+def test_notation_page_lists_the_same_alphabet():
+    """The book's notation page shows the code's alphabet: same letters, same meanings, nothing extra."""
+    from pathlib import Path
+    import re
+    from moewidgets.shapes import SHAPE_LETTERS
+    text = (Path(__file__).resolve().parent.parent / "book" / "notation.md").read_text()
+    section = text[text.index("## Shapes in code"):text.index("## Ranks")]
+    rows = dict(re.findall(r"^\| `([A-Z])` \| (.+?) \|$", section, flags=re.M))
+    assert rows == SHAPE_LETTERS, "book/notation.md's shape table differs from moewidgets.shapes.SHAPE_LETTERS"

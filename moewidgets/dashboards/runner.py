@@ -90,7 +90,8 @@ class RunState:
 class LiveRunner:
     """Debounced, cancellable, chunked training with redraw callbacks (see the module docstring).
 
-    Callbacks (all called on the loop's thread):
+    Callbacks (all called on the loop's thread)::
+
         on_status(text):            the status line.
         on_chunk(state):            redraw the cheap views (after every chunk, ≥ 5 per second); returning False
                                     says the redraw was skipped (throttled): it is not counted, and the status

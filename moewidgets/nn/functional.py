@@ -48,7 +48,7 @@ Weights = Mapping[str, torch.Tensor]
 @dataclass
 class RouterOutput:
     """What a router decided: ``gates_TK``, ``idx_TK``, ``probs_TE`` (or ``None``), ``logits_TE`` and the weighted
-    ``aux_loss``. With a seed axis (:func:`route` on expert-major logits): gates, idx (S, T, K), probs and logits
+    ``aux_loss``. With a seed axis (:func:`~moewidgets.nn.functional.route` on expert-major logits): gates, idx (S, T, K), probs and logits
     (S, E, T), aux_loss (S,)."""
 
     gates_TK: torch.Tensor

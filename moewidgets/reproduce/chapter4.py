@@ -19,7 +19,7 @@ from .common import (_with_init_views, PROBE_POINTS, ClaimResult, ClaimSpec, _by
                      train_seed_group)
 
 _REF = "router-coupling-and-mpi.md §2.10"
-#: MPI-h: the paper's training-throughput cost of the power step (0.2 %, 11B model); the threshold of the claim.
+#: The paper's training-throughput cost of the power step (0.2 % on an 11B model), the threshold of claim MPI-h.
 MPI_H_OVERHEAD = 0.002
 
 __all__ = ["CHAPTER4_ARMS", "CHAPTER4_TRAIN", "chapter4_run", "chapter4_job", "chapter4_seeds_job",

@@ -21,7 +21,7 @@ Convergence (two-sided): an arm has converged when, for every seed, its probe MS
 MSE after 4N steps by at most ``CONVERGENCE_MARGIN`` × Var(y), in either direction (a 4× run that is worse is
 not "converged" either).
 
-Roles of a row (:data:`ROLES`): "decides" (the paper's definition and reference: the ledger counts it), "ours"
+Roles of a row (``ROLES``): "decides" (the paper's definition and reference: the ledger counts it), "ours"
 (a variant or extension of ours, shown and labelled, never decides), "context" (its outcome is fixed by
 construction, or it describes rather than tests: shown, never counted).
 """
@@ -292,7 +292,7 @@ def _converged(arms: dict[str, dict[int, dict]], arm: str) -> bool:
 
 
 def convergence_table(rows: list[dict], arms) -> str:
-    """Each arm's mean probe MSE after N and 4N steps and its worst seed's |gap| in units of Var(y) (signed:
+    """Each arm's mean probe MSE after N and 4N steps and its worst seed's ``|gap|`` in units of Var(y) (signed:
     + means the 4× run is better), against ``CONVERGENCE_MARGIN`` either way (the convergence rule of every claims
     table); fixed width, 3 significant digits (what nbval compares). Every chapter shows it under its claims
     table. Arms without rows are skipped."""

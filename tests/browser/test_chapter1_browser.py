@@ -158,6 +158,14 @@ def drive(page, base_url: str) -> dict:
     }
 
 
+def _known_myst_xref(msg) -> bool:
+    """jupyterlab-myst resolves cross-references inside one notebook only: a link to another page of the book
+    (``{ref}`appendix-chapter1` ``) logs "Cross reference target was not found" in JupyterLab. The book build
+    resolves and checks every such reference (``-n``), so only this exact message from that extension is excused."""
+    return ("jupyterlab-myst" in (msg.location or {}).get("url", "")
+            and all(line.startswith("Cross reference target was not found:") for line in msg.text.splitlines()))
+
+
 def test_chapter1_dashboard_in_jupyterlab():
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (the test needs it)"
     from playwright.sync_api import sync_playwright
@@ -178,8 +186,9 @@ def test_chapter1_dashboard_in_jupyterlab():
             ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
                                                         args=LAUNCH_ARGS, viewport={"width": 1400, "height": 1800})
             page = ctx.new_page()
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" and not _known_myst_xref(m)
+                    else None)
+            page.on("pageerror", lambda e: errors.append(f"{e} | {(e.stack or '').splitlines()[1:3]}"))
             # the token goes in a cookie-setting first request, then every URL works without it
             page.goto(f"http://127.0.0.1:{port}/lab?token={token}")
             try:

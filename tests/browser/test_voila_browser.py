@@ -51,6 +51,7 @@ def start_voila(port: int, token: str, log_path: Path) -> subprocess.Popen:
     directly (its PID is the process we stop)."""
     cmd = [str(Path(sys.prefix) / "bin" / "voila"), str(APP), "--no-browser", "--Voila.ip=127.0.0.1",
            f"--port={port}", "--Voila.port_retries=0", f"--Voila.token={token}", "--template=offline",
+           '--VoilaConfiguration.extension_denylist=["jupyterlab-myst"]',
            f"--MappingKernelManager.cull_idle_timeout={CULL_IDLE_S}", "--MappingKernelManager.cull_interval=5"]
     env = repo_env(JUPYTER_PATH=os.pathsep.join(filter(None, [str(APP / ".jupyter-path"),
                                                               os.environ.get("JUPYTER_PATH")])))
