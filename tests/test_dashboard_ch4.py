@@ -54,7 +54,7 @@ def test_run_sync_trains_mpi_and_its_plain_reference_and_fills_every_view(traine
 def test_status_summary_is_rounded(trained):
     text = trained.status_summary()
     assert text.startswith("mpi (C'=1, 1 power step) · top-2 of 4 · α=0.01 · seed 0 — 40/40 steps · final train MSE ")
-    assert "(plain router: λ " in text and text.endswith(" · done")
+    assert "(plain router: ψ " in text and text.endswith(" · done")
 
 
 def test_plain_router_run_is_its_own_reference():

@@ -1,8 +1,9 @@
 """Chapter 4's live dashboard: the Manifold Power Iteration router against the plain softmax router.
 
 Router (softmax / MPI), power steps, C', top-k, experts, balancing weight and seed retrain an MLP-MoE live; the views
-redraw each expert's router-to-singular-vector angle over the steps and now, λ per expert, the experts' spectral gaps
-σ1/σ2, the batch MaxVio and the loss. The dashed reference everywhere is the *plain router* run: the same config with
+redraw each expert's router-to-singular-vector angle over the steps and now, the alignment score ψ per expert
+(chapter 4; the paper calls its alignment metric λ), the experts' spectral gaps σ1/σ2, the batch MaxVio and the
+loss. The dashed reference everywhere is the *plain router* run: the same config with
 ``router="softmax"``, trained in lockstep and cached (an MPI run is compared with it; a softmax run is its own
 reference).
 
@@ -38,7 +39,8 @@ __all__ = ["Chapter4Dashboard", "Chapter4Views", "AlignmentTrack", "plain_router
            "DEFAULT_RUN"]
 
 # The starting run: the chapter-1 default retrain with the MPI router, the official gate convention ("renorm":
-# softmax over the selected logits) and a small Switch aux loss (spec §2.11.6).
+# softmax over the selected logits) and a small Switch aux loss (the official MPI code computes one for both
+# routers; α = 0.01 as in the claim runs).
 DEFAULT_RUN = RunConfig(model=MoEConfig(router="mpi", gate="renorm", aux_weight=0.01))
 
 
@@ -101,7 +103,7 @@ class Chapter4Views:
                                      ref_label="plain router (mean)")
         angle_now = V.build_bars_view("Angle to v1 now", "degrees (0 = aligned, 90 = orthogonal)",
                                       ref_label="plain router (mean)")
-        lam = V.build_bars_view("Alignment λ per expert", "λ = ‖W r‖² / (‖r‖² σ1²)",
+        lam = V.build_bars_view("Alignment ψ per expert", "ψ = ‖W r‖² / (‖r‖² σ1²)",
                                 ref_label="plain router (mean)")
         gap = V.build_bars_view("Expert spectral gap", "σ1 / σ2 of W_in (GELU) or W_gate (SwiGLU)",
                                 ref_label="plain-router model (mean)")
@@ -217,7 +219,7 @@ class Chapter4Dashboard(DashboardBase):
         ref_text = ("dashed = the same model with the plain softmax router" if ref is not None else
                     "the plain router is its own reference")
         v.caption.text = (f"{html.escape(describe_mpi_run(st.run))} at step {tr.steps_done}/{tr.cfg.steps} · "
-                          f"mean angle to v1 {t.now.angle_deg.mean():.0f}° · mean λ {t.now.lam.mean():.2f}"
+                          f"mean angle to v1 {t.now.angle_deg.mean():.0f}° · mean ψ {t.now.lam.mean():.2f}"
                           f" (plain router {r.lam.mean():.2f}) · E={m.n_experts} · {ref_text} · "
                           f"v1 = top right-singular vector of the expert's input-side matrix")
 
@@ -228,13 +230,13 @@ class Chapter4Dashboard(DashboardBase):
         return self.runner.state.reference if self.runner.state else None
 
     def _summary_extra(self) -> str:
-        """The mean λ and angle to v1 of the model (and of the plain router), 2 significant digits."""
+        """The mean alignment ψ and angle to v1 of the model (and of the plain router), 2 significant digits."""
         text = ""
         t = self.track
         if t is not None and t.now is not None:
-            text += f" · mean λ {float(t.now.lam.mean()):.2g}, mean angle to v1 {float(t.now.angle_deg.mean()):.2g}°"
+            text += f" · mean ψ {float(t.now.lam.mean()):.2g}, mean angle to v1 {float(t.now.angle_deg.mean()):.2g}°"
             if t.ref_now is not None:
-                text += (f" (plain router: λ {float(t.ref_now.lam.mean()):.2g}, "
+                text += (f" (plain router: ψ {float(t.ref_now.lam.mean()):.2g}, "
                          f"{float(t.ref_now.angle_deg.mean()):.2g}°)")
         return text
 

@@ -3,7 +3,8 @@
 Shape legend: N probe points, D model width (D_out = D_in = D for our square layers), F expert hidden width,
 E experts, K top-k, P (expert, point) pairs, T tokens.
 
-Formulas (paper-1 spec §1.4a, paper-2 spec §2.4a; chapter 1, ``book/chapter1.ipynb``):
+Formulas (the exact Jacobians of Liu, arXiv 2601.11616 and arXiv 2605.16349, written out by us; chapter 1,
+``book/chapter1.ipynb``):
 
 * GELU expert ``E(x) = W_out gelu(W_in x + b_in) + b_out``::
 
@@ -30,7 +31,7 @@ Formulas (paper-1 spec §1.4a, paper-2 spec §2.4a; chapter 1, ``book/chapter1.i
 Everything reads the expert bank through its contract attributes (``moewidgets.nn.experts``), so it works for our
 banks, for the Hugging Face adapter's views and for :func:`~moewidgets.geometry.alignment.dense_pseudo_experts`.
 Computation happens in the promoted dtype of the inputs and the weights, at least float32 (bf16 weights give
-float32 Jacobians, paper-2 spec §2.7.9; never a downcast).
+float32 Jacobians; never a downcast).
 """
 from __future__ import annotations
 
@@ -273,7 +274,7 @@ def expert_outputs(experts, X_ND: torch.Tensor, experts_idx: Sequence[int] | tor
 def dense_jacobian(dense_layer_or_bank, X_ND: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Jacobian of a dense FFN (a one-expert bank, or a layer holding one as ``.experts``), (N, D_out, D_in).
 
-    ``J_D(x) = V2 diag(φ'(V1 x + c1)) V1`` (paper-1 spec §1.4a): :func:`expert_jacobians` of the only expert.
+    ``J_D(x) = V2 diag(φ'(V1 x + c1)) V1`` (module docstring): :func:`expert_jacobians` of the only expert.
 
     >>> from moewidgets.nn.experts import GELUExperts
     >>> dense = GELUExperts(1, 8, 32, generator=torch.Generator().manual_seed(0))

@@ -116,7 +116,7 @@ def input_side_weights(experts) -> torch.Tensor:
 
 
 class MPIRouter(_Router):
-    """Manifold Power Iteration router (Wu et al. 2026; the official code's semantics, spec §2.4–§2.5).
+    """Manifold Power Iteration router (Wu, Lv, Xie, Lin 2026, arXiv 2606.12397; the semantics of its official code).
 
     The trained parameter ``r_ED`` (E, D) is never overwritten. Every forward recomputes the effective rows::
 
@@ -216,14 +216,14 @@ class MPIRouter(_Router):
 
 
 class KMeansRouter(_Router):
-    """The parameter-free online K-Means router (Ahrac, Hochwald, Geva 2026; spec §1.7, our reference algorithm).
+    """The parameter-free online K-Means router (Ahrac, Hochwald, Geva 2026, arXiv 2605.12476; our reading of it).
 
     Each expert keeps a running mean ``C_i`` of the token states routed to it (a buffer, never a parameter).
     Scores are cosines, and everything after them is the logit routers' path (:func:`route_logits`)::
 
         s_ti = cos(x_t, C_i) = x̂_t · Ĉ_i                     (T, E), in [−1, 1]
         p_t  = softmax(s_t / τ);  top-k of p_t (+ the layer's loss-free bias, selection only)
-        g_t  = p of the selected ("softmax") or softmax over the selected s/τ ("renorm", the spec's default)
+        g_t  = p of the selected ("softmax") or softmax over the selected s/τ ("renorm", our default)
 
     After a training forward the layer calls :meth:`update` (no gradient), with X_i the batch tokens routed to i::
 

@@ -7,6 +7,10 @@ time, device, versions). The seeds of an arm train at once, one seed group
 A second set of rows trains each (arm, seed) 4× longer: the convergence check (two-sided).
 Chapter 1 (book/chapter1.ipynb) renders :func:`chapter1_claims` from that file and re-runs seed 0 live.
 
+The paper: F. Liu, "Mixture-of-Experts as Soft Clustering: A Dual Jacobian-PCA Spectral Geometry Perspective"
+(arXiv 2601.11616). Only its abstract could be read: the claims SC-1 … SC-6 are the course's small-scale phrasing
+of it, and every set-up choice below is ours.
+
 Identified σ1. ``pred = W_ro·f(x) + b`` with a trainable read-out and no weight decay: scaling the experts' output
 weights by c and W_ro by 1/c leaves the function unchanged and moves σ1(J_i) by c. So the σ1 claims (SC-1, SC-1b,
 SC-6) decide on the end-to-end Jacobians W_ro·J_i and W_ro·J_f (metrics ``e2e_sigma1``, ``e2e_layer_sigma1``),
@@ -205,9 +209,9 @@ def _has(arms, arm: str, *metrics: str) -> bool:
 
 
 def chapter1_claims(rows: list[dict]) -> list[ClaimResult]:
-    """SC-1 … SC-6 of paper 1 (the paper notes' §1.6) from chapter-1 claim-run rows (pass rule:
-    :func:`~moewidgets.reproduce.common.pass_rule`, ≥ 10 seeds per arm). Rows whose arms or metrics are missing
-    are skipped (committed rows from before a metric existed).
+    """SC-1 … SC-6 of paper 1 (Liu, arXiv 2601.11616) from chapter-1 claim-run rows (pass rule:
+    :func:`~moewidgets.reproduce.common.pass_rule`, ≥ ``MIN_SEEDS_MLP`` = 10 seeds per arm). Rows whose arms or
+    metrics are missing are skipped (committed rows from before a metric existed).
 
     Roles: σ1 claims decide on the identified end-to-end Jacobian (``e2e_*``); the gauge-dependent σ1 of J_i is
     shown as context. SC-4's "< split-half ceiling" rows (a ceiling ≈ 1) and the "training moved it" rows are

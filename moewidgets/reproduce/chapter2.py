@@ -1,5 +1,10 @@
 """Chapter 2's claim runs (paper 2, GA-1 … GA-6, and paper 1's transformer claims SC-7, SC-8): arms, jobs, verdicts.
 
+The papers: F. Liu, "Geometric Asymmetry in MoE Specialization: Functional Decorrelation and Representational
+Overlap" (arXiv 2605.16349), and F. Liu, "Mixture-of-Experts as Soft Clustering: A Dual Jacobian-PCA Spectral
+Geometry Perspective" (arXiv 2601.11616). Only their abstracts could be read: the claim ids, the metrics' exact
+forms and the references below are the course's reconstruction.
+
 ``python -m moewidgets reproduce chapter2`` trains every (arm, seed), probes it, and writes one row per
 (arm, seed) to ``book/results/chapter2.jsonl``; chapter 2 (book/chapter2.ipynb) renders
 :func:`chapter2_claims` from that file and re-runs a pinned subset live.
@@ -19,7 +24,7 @@ Two settings (scaled to a CPU: ours):
   windows of 64; the Jacobian spectra on the first 512 of them); metrics per layer (``L0_…``, ``L1_…``,
   ``L2_…``) and their mean over layers (no prefix).
 
-Metrics of one MoE layer (paper-2 spec §2.4; :func:`~moewidgets.geometry.layer_asymmetry`):
+Metrics of one MoE layer (our definitions; :func:`~moewidgets.geometry.layer_asymmetry`):
 
 * functional: ``align_mean_abs`` = ``mean_{i<j} |cos_F(J̄_i, J̄_j)|`` of gate-weighted mean Jacobians, its
   random null ``align_null`` (≈ √(2/π)/D) and split-half same-expert ceiling ``align_ceiling``;
@@ -34,19 +39,20 @@ Metrics of one MoE layer (paper-2 spec §2.4; :func:`~moewidgets.geometry.layer_
   rep − func, and the z-scores ``asym_func_z``, ``asym_rep_z``, ``asym_rep_group_z``;
 * LM layers also: ``sigma1`` and ``stable_rank`` of the expert-local Jacobians (the dense FFN's for lm-dense).
 
-Which routed subspace (spec §2.7.3). With fully soft routing every token reaches every expert, so plain
+Which routed subspace. With fully soft routing every token reaches every expert, so plain
 membership PCA gives every expert the same subspace (``sub_geo_membership`` ≈ 0 for ``soft``, by construction).
 The claims use **gate-weighted** PCA (``weighting="gates"``: expert e's routed tokens weighted by ``g_e(x)``;
 for top-k the routed set is its top-k membership) for every arm; GA-6 is repeated with **arg-max membership**
 (``sub_geo_argmax``: every token belongs to its top-1 expert only, a partition, the same rule for all arms).
 
-References, and how the claims read them (the paper notes' §2.4d–e). A random-token-group null draws groups of
-the experts' sizes from the pooled tokens; the split-half floor is the distance between two halves of one
-expert's routed tokens. "Distinct subspaces" (GA-2) means the between-expert distance is above the split-half
-floor; "partially overlapping" (GA-3) means it is below the random-group null (and the overlap ov > r/D). The
-asymmetry (GA-4) is read on the paper's z-scale: Fz = (mean|A_ij| − random null)/null SD against
-Rz = (random-group null − distance)/null SD, "Rz > Fz". The Haar-isotropic level (GA-3) and the
-isotropic-fraction gap (GA-4) are ours: labelled rows that never decide a claim.
+References, and how the claims read them (ours, after the abstract's "distinct but partially overlapping").
+A random-token-group null draws groups of the experts' sizes from the pooled tokens; the split-half floor is the
+distance between two halves of one expert's routed tokens. "Distinct subspaces" (GA-2) means the between-expert
+distance is above the split-half floor; "partially overlapping" (GA-3) means it is below the random-group null
+(and the overlap ov > r/D). The asymmetry (GA-4) is read on a common z-scale:
+Fz = (mean|A_ij| − random null)/null SD against Rz = (random-group null − distance)/null SD, "Rz > Fz".
+The Haar-isotropic level (GA-3) and the isotropic-fraction gap (GA-4) are ours: labelled rows that never decide a
+claim.
 
 Pass rule: :func:`moewidgets.reproduce.common.pass_rule` (≥ 80 % of seeds with the predicted sign and a one-sided
 paired t-test at 5 %; ≥ 10 seeds for an MLP row, ≥ 5 for an LM row). Convergence (two-sided): MLP arms as chapter 1
@@ -111,9 +117,9 @@ LM_CONVERGE_FACTOR = 2
 LM_EVAL_TOKENS = 20_000
 #: Test tokens traced for the per-layer LM probes (whole windows of seq_len).
 LM_PROBE_TOKENS = 1024
-#: How many of those leading tokens SC-7's Jacobian spectra use (the spec suggests about 500 positions).
+#: How many of those leading tokens SC-7's Jacobian spectra use (about 500 positions; ours).
 LM_SPECTRA_TOKENS = 512
-#: The rank r of the routed subspaces (spec §2.7.4 suggests r = 4 or 8 for small models); 2r is the stability check.
+#: The rank r of the routed subspaces (ours: r = 4 or 8 suits small models); 2r is the stability check.
 SUBSPACE_RANK = 4
 N_DRAWS, N_SPLITS = 20, 10     # random-group / isotropic draws and split-half splits of the references
 
@@ -263,7 +269,7 @@ def _layer_geometry(experts, trace, *, rank: int, n_draws: int, n_splits: int, g
     out.update(asym_func_z=s.functional_z, asym_func_frac=s.functional_fraction, asym_rep_z=s.representational_z,
                asym_rep_group_z=s.representational_group_z, asym_rep_frac=s.representational_fraction,
                asym_gap=s.gap)
-    # the fully-soft caveat (§2.7.3): arg-max membership (a partition, the same rule for every arm) ...
+    # the fully-soft caveat (module docstring): arg-max membership (a partition, the same rule for every arm) ...
     argmax = routed_subspaces(trace.x_TD, routing_weights(trace, "argmax"), rank=rank, space="inputs")
     _put_comparison(out, "sub_geo_argmax",
                     compare_subspaces(argmax, "geodesic", generator=generator, n_draws=n_draws, n_splits=n_splits))
@@ -509,7 +515,7 @@ CLAIMS: tuple[ClaimSpec, ...] = (
               "between-expert distance vs the random-token-group null (the paper's); overlap ov vs r/D; the "
               "isotropic level is ours", "distance − random-group null < 0; ov − r/D > 0", _REF + " §2.6"),
     ClaimSpec("GA-4", "decorrelated functions on overlapping inputs: the asymmetry",
-              "Fz = (mean|A_ij| − null)/null SD vs Rz = (random-group null − distance)/null SD (§2.4e); the "
+              "Fz = (mean|A_ij| − null)/null SD vs Rz = (random-group null − distance)/null SD; the "
               "isotropic-fraction gap is ours", "Rz − Fz > 0", _REF + " §2.6"),
     ClaimSpec("GA-5", "sparser routing separates the experts' functions more",
               "mean |A_ij| over top-1, top-2, top-4, soft (paired over seeds)", "sparser − softer < 0",
@@ -521,11 +527,12 @@ CLAIMS: tuple[ClaimSpec, ...] = (
 
 
 def chapter2_claims(rows: list[dict]) -> list[ClaimResult]:
-    """GA-1 … GA-6 (paper-2 spec §2.6) and SC-7, SC-8 (paper-1 spec §1.6) from chapter-2 claim-run rows.
+    """GA-1 … GA-6 (Liu, arXiv 2605.16349) and SC-7, SC-8 (Liu, arXiv 2601.11616) from chapter-2 claim-run rows.
 
-    Rows for missing arms are skipped (a partial run gives a partial table). How the references are read (the
-    random-token-group null is low; "overlapping" means below the isotropic level) and which PCA weighting the
-    claims use: module docstring. ``A`` is the arm, ``B`` the comparison arm or a fixed level.
+    Rows for missing arms are skipped (a partial run gives a partial table). How the references are read
+    ("distinct": above the split-half floor; "overlapping": below the random-token-group null, with ov > r/D; the
+    asymmetry: Rz > Fz; the isotropic level and the isotropic-fraction gap are "ours" rows that never decide) and
+    which PCA weighting the claims use: module docstring. ``A`` is the arm, ``B`` the comparison arm or a fixed level.
 
     >>> rows = [{"arm": a, "seed": s, "metrics": {"align_mean_abs": v + 0.001 * s}}
     ...         for a, v in (("top-1", 0.02), ("top-2", 0.03)) for s in range(10)]
@@ -587,7 +594,7 @@ def chapter2_claims(rows: list[dict]) -> list[ClaimResult]:
         cmp("GA-3", "overlap ov > r/D", "sub_ov", a, a, +1, "sub_ov_rand")
         cmp("GA-3", "d_geo between experts < isotropic random subspaces (ours)", "sub_geo", a, a, -1, "sub_geo_iso",
             role="ours")
-    # GA-4: asymmetry on the paper's z-scale: Rz (random-group null − distance, in null SDs) above Fz (alignment
+    # GA-4: asymmetry on a common z-scale: Rz (random-group null − distance, in null SDs) above Fz (alignment
     # − random null, in null SDs); the isotropic-fraction gap is ours
     for a in moe_arms:
         cmp("GA-4", "Rz (random-group null) > Fz (random null)", "asym_rep_group_z", a, a, +1, "asym_func_z")

@@ -4,9 +4,13 @@
 once, one seed group, :class:`~moewidgets.multiseed.MultiSeedTrainer`); chapter 3
 (book/chapter3.ipynb) renders :func:`chapter3_claims` from it and re-runs seed 0 of every arm live.
 
-The setting (spec §1.12 and §3, scaled to a CPU: ours): the MLP-MoE of chapter 1 with SwiGLU experts
-(E = 8, k = 2, D = 32, m = 64), gate "renorm" (top-k then softmax, the spec's primary convention), inputs with a
-shared offset ‖μ‖ = 0.5·s·√D (``TaskConfig.offset``; the "3×" needs anisotropic inputs), AdamW with weight decay 0.1
+The paper: Ahrac, Hochwald, Geva, "Routers Learn the Geometry of Their Experts: Geometric Coupling in Sparse
+Mixture-of-Experts" (arXiv 2605.12476). Only its abstract could be read: the claims RC-a … RC-g are the course's
+small-scale phrasing of it.
+
+The setting (ours, scaled to a CPU instead of the paper's 1B language model): the MLP-MoE of chapter 1 with
+SwiGLU experts (E = 8, k = 2, D = 32, m = 64), gate "renorm" (top-k then softmax, our primary convention), inputs
+with a shared offset ‖μ‖ = 0.5·s·√D (``TaskConfig.offset``; the "3×" needs anisotropic inputs), AdamW with weight decay 0.1
 and a cosine schedule over 2,000 steps. The arms differ only in the router and the balancing knob.
 """
 from __future__ import annotations
@@ -29,13 +33,14 @@ __all__ = ["CHAPTER3_ARMS", "CHAPTER3_TRAIN", "CHAPTER3_MODEL", "CHAPTER3_TASK",
            "chapter3_seeds_job", "chapter3_jobs", "chapter3_claims", "PINNED_METRICS_CH3", "CLAIMS"]
 
 CHAPTER3_MODEL = MoEConfig(n_experts=8, k=2, d_model=32, d_hidden=64, expert="swiglu", gate="renorm")
-# The spec's ‖μ‖ = 2‖μ_c‖ (offset=2) collapses the routing of this un-normalised model at initialisation (6 of 8
+# An offset ‖μ‖ = 2‖μ_c‖ (offset=2) collapses the routing of this un-normalised model at initialisation (6 of 8
 # experts dead without balancing, 5 with α = 0.01): ours is ‖μ‖ = 0.5·s·√D, one direction carrying 18 % of the
 # input energy (an isotropic direction carries 3 %).
 CHAPTER3_TASK = TaskConfig(offset=0.5)
-# The arms: a learned linear router with no balancing, with the Switch aux loss at the three α of spec §1.9, with
-# loss-free balancing (γ = 1e-3, the papers' value), and the K-Means router without and with the sign bias (§1.7:
-# EMA β = 0.05, raw x averaged, τ = 1), plus its cumulative-mean ablation.
+# The arms: a learned linear router with no balancing, with the Switch aux loss at three α (0.001, 0.01, 0.1), with
+# loss-free balancing (γ = 1e-3, the best rate of Wang et al. 2024, arXiv 2408.15664), and the K-Means router without
+# and with the sign bias (our reading of the algorithm: EMA β = 0.05, raw x averaged, τ = 1), plus its
+# cumulative-mean ablation.
 CHAPTER3_ARMS: dict[str, dict[str, Any]] = {
     "none": {},
     "aux-0.001": {"aux_weight": 0.001},
@@ -203,7 +208,8 @@ def _scaled(arms, arm: str, metric: str, factor: float) -> str:
 
 
 def chapter3_claims(rows: list[dict]) -> list[ClaimResult]:
-    """RC-a … RC-g (spec §1.12) from chapter-3 claim-run rows (pass rule and convergence as for chapter 1).
+    """RC-a … RC-g (Ahrac et al., arXiv 2605.12476) from chapter-3 claim-run rows (pass rule and convergence as
+    for chapter 1).
 
     ``A`` is the arm, ``B`` the comparison arm or a fixed level; ``arm@init`` uses the values at initialisation
     and ``arm@×1.5`` multiplies the comparison arm's metric by 1.5 (a ratio claim)."""

@@ -46,11 +46,23 @@ def hide_news_toast() -> None:
                                         {"fetchNews": "false", "checkForUpdates": False}}))
 
 
-def start_lab(port: int, token: str, log_path: Path) -> subprocess.Popen:
-    """JupyterLab on 127.0.0.1, started directly (its PID is the process we stop), rooted at the repository."""
+def no_autosave_settings() -> str:
+    """A fresh JupyterLab user-settings folder with autosave off: the test opens the committed chapter in place, and
+    JupyterLab's autosave (every 120 s) would otherwise write the executed notebook, and through jupytext its
+    MyST source, back into book/. The user's own settings are not touched."""
+    folder = Path(tempfile.mkdtemp(prefix="moewidgets-lab-settings-"))
+    plugin = folder / "@jupyterlab" / "docmanager-extension" / "plugin.jupyterlab-settings"
+    plugin.parent.mkdir(parents=True)
+    plugin.write_text(json.dumps({"autosave": False}))
+    return str(folder)
+
+
+def start_lab(port: int, token: str, log_path: Path, settings_dir: str) -> subprocess.Popen:
+    """JupyterLab on 127.0.0.1, started directly (its PID is the process we stop), rooted at the repository, with
+    ``settings_dir`` as its user-settings folder."""
     cmd = [str(Path(sys.prefix) / "bin" / "jupyter"), "lab", "--no-browser", "--ip", "127.0.0.1",
            "--port", str(port), f"--ServerApp.token={token}", f"--ServerApp.root_dir={ROOT}",
-           "--ServerApp.port_retries=0"]
+           "--ServerApp.port_retries=0", f"--LabApp.user_settings_dir={settings_dir}"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     return subprocess.Popen(cmd, cwd=ROOT, env=repo_env(), stdout=log_path.open("w"), stderr=subprocess.STDOUT)
@@ -134,11 +146,17 @@ def drive(page, base_url: str) -> dict:
     status.wait_for(timeout=RUN_TIMEOUT_MS)
     page.wait_for_function(f"() => document.querySelector('{STATUS}')?.textContent.includes('— done')",
                            timeout=RUN_TIMEOUT_MS)
-    # A widget message is handled only when the kernel is idle: wait until every cell has run.
-    page.wait_for_function("""() => {
-        const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
-        return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
-    }""", timeout=RUN_TIMEOUT_MS)
+    # A widget message is handled only when the kernel is idle: wait until every cell has run ([ ] and [*] gone).
+    try:
+        page.wait_for_function("""() => {
+            const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+            // a cell whose input is collapsed (the exercises' solutions) shows an empty prompt: count the others
+            const shown = prompts.map(p => p.textContent.trim()).filter(t => t !== '');
+            return shown.length > 0 && shown.every(t => /^\\[\\d+\\]:?$/.test(t));
+        }""", timeout=RUN_TIMEOUT_MS)
+    except Exception as exc:
+        prompts = page.eval_on_selector_all(".jp-CodeCell .jp-InputPrompt", "ps => ps.map(p => p.textContent)")
+        raise AssertionError(f"not every code cell ran: input prompts {prompts}") from exc
     first_status = status.text_content()
     assert "of 8" in first_status and "400/400" in first_status, first_status
 
@@ -166,6 +184,16 @@ def _known_myst_xref(msg) -> bool:
             and all(line.startswith("Cross reference target was not found:") for line in msg.text.splitlines()))
 
 
+def _known_toolbar_overlap(exc) -> bool:
+    """JupyterLab's cell toolbar asks, on every layout change, whether a rendered markdown cell overlaps it
+    (``_markdownOverlapsToolbar`` in JupyterLab's cell-toolbar package); a markdown cell rendered by jupyterlab-myst
+    has no rendered node at that moment, and the check throws. Nothing on the page changes (the toolbar is only
+    placed), so exactly this TypeError, thrown from that function, is excused; any other error fails the test."""
+    frames = (exc.stack or "").splitlines()[1:2]
+    return (str(exc).endswith("Cannot read properties of undefined (reading 'node')")
+            and any("_markdownOverlapsToolbar" in f for f in frames))
+
+
 def test_chapter1_dashboard_in_jupyterlab():
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (the test needs it)"
     from playwright.sync_api import sync_playwright
@@ -177,9 +205,12 @@ def test_chapter1_dashboard_in_jupyterlab():
     hide_news_toast()
     port, token = free_port(), secrets.token_hex(16)
     t_start = time.monotonic()
-    lab = start_lab(port, token, OUT / "jupyterlab.log")
+    settings_dir = no_autosave_settings()
+    before = {p: p.stat().st_mtime_ns for p in (ROOT / "book").glob("chapter1.*")}
+    lab = start_lab(port, token, OUT / "jupyterlab.log", settings_dir)
     profile = tempfile.mkdtemp(prefix="moewidgets-chromium-")
     errors: list[str] = []
+    excused: list[str] = []             # known, harmless extension errors (recorded in latency.json)
     try:
         wait_for_lab(lab, port, token)
         with sync_playwright() as pw:
@@ -188,7 +219,8 @@ def test_chapter1_dashboard_in_jupyterlab():
             page = ctx.new_page()
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" and not _known_myst_xref(m)
                     else None)
-            page.on("pageerror", lambda e: errors.append(f"{e} | {(e.stack or '').splitlines()[1:3]}"))
+            page.on("pageerror", lambda e: excused.append(str(e)) if _known_toolbar_overlap(e)
+                    else errors.append(f"{e} | {(e.stack or '').splitlines()[1:3]}"))
             # the token goes in a cookie-setting first request, then every URL works without it
             page.goto(f"http://127.0.0.1:{port}/lab?token={token}")
             try:
@@ -198,7 +230,8 @@ def test_chapter1_dashboard_in_jupyterlab():
                 raise
             finally:
                 ctx.close()
-        result.update(console_errors=errors, test_wall_s=round(time.monotonic() - t_start, 1),
+        result.update(console_errors=errors, excused_page_errors=len(excused),
+                      test_wall_s=round(time.monotonic() - t_start, 1),
                       date=time.strftime("%Y-%m-%d %H:%M"), cpu_count=os.cpu_count(),
                       loadavg_1min_after=round(os.getloadavg()[0], 2))
         tmp = OUT / "latency.json.tmp"
@@ -213,3 +246,6 @@ def test_chapter1_dashboard_in_jupyterlab():
         except subprocess.TimeoutExpired:
             lab.kill()
         shutil.rmtree(profile, ignore_errors=True)
+        shutil.rmtree(settings_dir, ignore_errors=True)
+    after = {p: p.stat().st_mtime_ns for p in (ROOT / "book").glob("chapter1.*")}
+    assert after == before, f"the test wrote into book/: {sorted(str(p) for p in after if after[p] != before.get(p))}"
