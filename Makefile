@@ -132,18 +132,33 @@ reproduce: install
 	$(PY) -m moewidgets reproduce chapter4 --seeds $(SEEDS) --commit-results
 
 # ---------------------------------------------------------------------------------------------
-# Classroom mode (app/README.md): the chapter dashboards as web pages, a fresh kernel per page load. The offline
+# Classroom mode (app/README.md): the chapter dashboards as web pages, a kernel per page load. The offline
 # template drops Voila's CDN stylesheet links; a closed page's kernel is culled after APP_CULL_S idle seconds;
 # Voila prints the URL with a fresh token. jupyterlab-myst (installed for the MyST chapters in JupyterLab) is kept out
 # of Voila's pages: it needs JupyterLab's markdown viewer, which Voila does not ship ("Shared module
-# @jupyterlab/markdownviewer doesn't exist"), and the app pages have no MyST to render.
+# @jupyterlab/markdownviewer doesn't exist"), and the app pages have no MyST to render; so is jupyterlab-jupytext
+# (jupytext 1.19's extension needs JupyterLab's document manager: "The getter for the shared module is not a function
+# ... @jupyterlab/docmanager" in every page's console).
+# Preheated kernels: Voila keeps APP_POOL kernels per chapter notebook started, with the notebook already run
+# (torch imported, the default run trained or taken from the run cache), and hands one to the next visitor; APP_LESSON
+# (the chapter a class opens at once) keeps APP_LESSON_POOL. Each waiting kernel holds ≈ 0.4 GB: the default
+# (1 per chapter, 4 chapters) ≈ 1.6 GB; `make app APP_LESSON_POOL=6` for six visitors at once adds 2 GB. A used kernel
+# is replaced 20 s later (not during the burst). APP_POOL=0 APP_LESSON_POOL=0 turns the pools off. Finished runs
+# are shared by all kernels through the run cache (MOEWIDGETS_RUN_CACHE, default ~/.cache/moewidgets/runs).
 APP_PORT ?= 8866
 APP_IP ?= 127.0.0.1
 APP_CULL_S ?= 600
+APP_POOL ?= 1
+APP_LESSON ?= chapter1
+APP_LESSON_POOL ?= $(APP_POOL)
+APP_POOLS = {"default": {"pool_size": $(APP_POOL)}, "$(APP_LESSON).ipynb": {"pool_size": $(APP_LESSON_POOL)}}
 app: install
 	JUPYTER_PATH=$(abspath app/.jupyter-path) $(VENV)/bin/voila app --template=offline --no-browser \
 		--Voila.ip=$(APP_IP) --port=$(APP_PORT) --Voila.port_retries=0 --token \
-		--VoilaConfiguration.extension_denylist='["jupyterlab-myst"]' \
+		--VoilaConfiguration.extension_denylist='["jupyterlab-myst", "jupyterlab-jupytext"]' \
+		--VoilaConfiguration.preheat_kernel=True --VoilaConfiguration.default_pool_size=$(APP_POOL) \
+		--VoilaKernelManager.kernel_pools_config='$(APP_POOLS)' \
+		--VoilaKernelManager.fill_delay=20 \
 		--MappingKernelManager.cull_idle_timeout=$(APP_CULL_S) --MappingKernelManager.cull_interval=60
 
 figures: install

@@ -113,16 +113,22 @@ class SpectraView:
     dense: ColumnDataSource     # x, y
 
 
-def build_spectra_view(title: str = "Expert Jacobian spectra") -> SpectraView:
-    """Mean normalised singular spectra of the expert Jacobians, log y (chapter 1)."""
-    fig = _figure(title, "singular value index j", "σ_j / σ_1 (mean over routed points)", y_log=True)
+def _expert_lines(fig, legend_at: str) -> tuple[ColumnDataSource, ColumnDataSource]:
+    """One line per expert (hover names it) plus the dashed dense baseline on ``fig``; returns their sources
+    (experts: xs, ys, color, expert; dense: x, y)."""
     experts = ColumnDataSource(dict(xs=[], ys=[], color=[], expert=[]))
     dense = ColumnDataSource(dict(x=[], y=[]))
     r = fig.multi_line("xs", "ys", source=experts, line_color="color", line_width=1.5, legend_label="experts")
     fig.line("x", "y", source=dense, legend_label="dense baseline", **DENSE_STYLE)
     fig.add_tools(HoverTool(renderers=[r], tooltips=[("expert", "@expert")]))
-    _legend(fig, "bottom_left")
-    return SpectraView(fig, experts, dense)
+    _legend(fig, legend_at)
+    return experts, dense
+
+
+def build_spectra_view(title: str = "Expert Jacobian spectra") -> SpectraView:
+    """Mean normalised singular spectra of the expert Jacobians, log y (chapter 1)."""
+    fig = _figure(title, "singular value index j", "σ_j / σ_1 (mean over routed points)", y_log=True)
+    return SpectraView(fig, *_expert_lines(fig, "bottom_left"))
 
 
 def update_spectra(view: SpectraView, ratios_EJ, dense_J=None) -> None:
@@ -217,13 +223,7 @@ def build_pca_view(title: str = "PCA of expert outputs") -> PCAView:
     """Cumulative fraction of variance vs number of principal components (chapter 1, weighted PCA of H-out)."""
     fig = _figure(title, "principal components kept", "cumulative fraction of variance")
     fig.y_range.start, fig.y_range.end = 0, 1.02
-    experts = ColumnDataSource(dict(xs=[], ys=[], color=[], expert=[]))
-    dense = ColumnDataSource(dict(x=[], y=[]))
-    r = fig.multi_line("xs", "ys", source=experts, line_color="color", line_width=1.5, legend_label="experts")
-    fig.line("x", "y", source=dense, legend_label="dense baseline", **DENSE_STYLE)
-    fig.add_tools(HoverTool(renderers=[r], tooltips=[("expert", "@expert")]))
-    _legend(fig, "bottom_right")
-    return PCAView(fig, experts, dense)
+    return PCAView(fig, *_expert_lines(fig, "bottom_right"))
 
 
 def _cumulative(eig_K) -> np.ndarray:

@@ -27,11 +27,32 @@ DASHBOARDS = {
     "chapter4": ("Chapter4Dashboard", "Chapter 4 — the Manifold Power Iteration router, live",
                  "Router (softmax / MPI), power steps, C′, top-k, experts, balancing α and seed retrain a small "
                  "MLP-MoE and the same model with the plain softmax router; each expert's router-row alignment with "
-                 "its top right-singular vector (λ, angle), the spectral gaps, load imbalance and loss redraw."),
+                 "its top right-singular vector (ψ, angle), the spectral gaps, load imbalance and loss redraw."),
 }
 
 
-def notebook(cls: str, title: str, blurb: str) -> nbf.NotebookNode:
+# Chapters whose dashboards share finished runs through the run cache (moewidgets/dashboards/runcache.py). Chapter 4
+# draws each expert's angle over the steps from the model at every chunk, which a finished run cannot replay: a
+# cached chapter-4 run would draw that curve as one point, so chapter 4 always trains.
+CACHED = {"chapter1", "chapter2", "chapter3"}
+
+
+def dashboard_source(cls: str, cached: bool) -> str:
+    """The dashboard cell: one torch thread, the dashboard (its run shared through the run cache when
+    ``cached``), resynced for pages that connect late."""
+    lines = ["import torch", f"from moewidgets.dashboards import {cls}"]
+    lines += ["from moewidgets.dashboards.runcache import RunCache"] if cached else []
+    lines += ["", "torch.set_num_threads(1)   # one thread per visitor: a shared server's cores go further",
+              f"dash = {cls}(autostart=False)"]
+    if cached:
+        lines += ["dash.runner.cache = RunCache()   # finished runs shared by every visitor's kernel (app/README.md)"]
+    lines += ["dash.resync_late_pages()   # a page that connects late gets the plots as they are now",
+              "dash.runner.request(dash.config, delay=0.0)",
+              "dash"]
+    return "\n".join(lines)
+
+
+def notebook(name: str, cls: str, title: str, blurb: str) -> nbf.NotebookNode:
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
@@ -40,9 +61,7 @@ def notebook(cls: str, title: str, blurb: str) -> nbf.NotebookNode:
             f"# {title}\n\n{blurb}\n\nThis page has its own Python kernel: what you change here changes nothing "
             "for anyone else. The status line under the controls says what is training; the book's chapter explains "
             "what you see.")),
-        nbf.v4.new_code_cell(id="dashboard", source=f"import torch\nfrom moewidgets.dashboards import {cls}\n\n"
-                             "torch.set_num_threads(1)   # one thread per visitor: a shared server's cores go further\n"
-                             f"{cls}()"),
+        nbf.v4.new_code_cell(id="dashboard", source=dashboard_source(cls, name in CACHED)),
     ]
     return nb
 
@@ -50,7 +69,7 @@ def notebook(cls: str, title: str, blurb: str) -> nbf.NotebookNode:
 def main() -> None:
     APP.mkdir(exist_ok=True)
     for name, (cls, title, blurb) in DASHBOARDS.items():
-        nbf.write(notebook(cls, title, blurb), APP / f"{name}.ipynb")
+        nbf.write(notebook(name, cls, title, blurb), APP / f"{name}.ipynb")
         print(f"wrote app/{name}.ipynb")
 
 

@@ -9,6 +9,8 @@ extra text and its short repr.
 """
 from __future__ import annotations
 
+import asyncio
+
 import html
 import json
 import math
@@ -332,6 +334,45 @@ class DashboardBase:
         return f"{text} · {st.phase}" if st.phase != "error" else f"{text} · error: {st.error}"
 
     # -- display -------------------------------------------------------------------------------------------------
+    def resync_late_pages(self, delays_s: tuple[float, ...] = (2.0, 8.0)) -> None:
+        """Give a page that connects late (Voila's preheated kernels, a run drawn from the run cache) the dashboard
+        as it is now.
+
+        Why: ipywidgets hands a new page every widget's state at once (``request_states``) and then builds the
+        views; a message arriving in between is dropped, and jupyter_bokeh's ``BokehModel`` answers that request
+        with the document it was built with (later changes went out as patches). Measured without this in the
+        classroom app: a preheated page showed "done" above empty plots, and one of six visitors kept "(queued)".
+        So the bokeh widget answers a state request with the document as it is now, and ``delays_s`` after each
+        request the status line is sent again and, if the plots changed since, the whole document. Uses
+        jupyter_bokeh internals (``_document``, ``_model``, ``_model_to_traits``): checked by the Voila browser test.
+        """
+        bokeh = self.widget.children[-1]
+        changed = [False]
+        bokeh._document.on_change(lambda event: changed.__setitem__(0, True))
+
+        def resend() -> None:
+            self.w_status.send_state("value")
+            if changed[0]:
+                changed[0] = False
+                bokeh.render_bundle = bokeh._model_to_traits(bokeh._model)
+
+        get_state = bokeh.get_state
+
+        def fresh_state(key=None, drop_defaults=False):
+            if key is None:                                  # the whole state: a page is (re)building its views
+                changed[0] = False
+                bokeh._trait_values["render_bundle"] = bokeh._model_to_traits(bokeh._model)
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    pass
+                else:
+                    for delay in delays_s:
+                        loop.call_later(delay, resend)
+            return get_state(key, drop_defaults)
+
+        bokeh.get_state = fresh_state
+
     def _repr_mimebundle_(self, include=None, exclude=None):
         """The widget view, with this object's short repr as text/plain (the VBox's own repr embeds the
         BokehModel's document, uuids and all, which nbval could never match)."""

@@ -17,6 +17,13 @@ fought the training thread for two cores and made both slower.) ``worker=False``
 Each run may train a *reference* model in lockstep (chapter 1: the parameter-matched dense baseline). References
 are cached by their config, finished or not: a later run with the same reference resumes or reuses it.
 
+``cache=`` (off by default; the classroom app turns it on) adds a :class:`~.runcache.RunCache` shared by every
+kernel of the machine: a run whose finished trainer (and reference) is on disk is not trained again: both are
+restored, the probes run once, the final picture is drawn and the status line ends in "done (cached)". A run that
+misses claims its key while it trains (another kernel that misses the same run meanwhile waits for the entry instead
+of training it too) and stores the finished trainers at the end. Only :class:`~moewidgets.train.Trainer` runs are
+cached (chapter 2's transformer, built by ``make_trainer``, always trains).
+
 :meth:`LiveRunner.run_sync` does the same work synchronously (tests, nbval, scripts); :meth:`LiveRunner.wait`
 awaits whatever is queued or running. Chapter 1 (book/chapter1.ipynb).
 """
@@ -35,6 +42,7 @@ from typing import Any, Callable, Generator
 from ..config import RunConfig
 from ..data import TaskData, make_task
 from ..train import NonFiniteLossError, Trainer, torch_threads
+from .runcache import RunCache
 
 __all__ = ["LiveRunner", "RunState", "RunTimings", "describe_run"]
 
@@ -85,6 +93,8 @@ class RunState:
     error: str | None = None
     timings: RunTimings = field(default_factory=RunTimings)
     probes: Any = None             # the last probe result drawn (whatever the dashboard's probe returns)
+    cached: bool = False           # the trainer was restored from the run cache (not trained here)
+    reference_missed: bool = False  # the run cache had no valid entry for the unfinished reference
 
 
 class LiveRunner:
@@ -106,7 +116,9 @@ class LiveRunner:
 
     Knobs: ``debounce_s`` (request → start), ``chunk_s`` (target seconds per chunk), ``probe_every`` (steps between
     probes), ``threads`` (torch intra-op threads while training, default 1; None leaves the setting alone),
-    ``worker`` (async runs build, train and probe in one worker thread while the loop stays free; default True).
+    ``worker`` (async runs build, train and probe in one worker thread while the loop stays free; default True),
+    ``cache`` (a :class:`~.runcache.RunCache`, or True for one in its default folder; default None: every run
+    trains).
 
     >>> import asyncio
     >>> from moewidgets import RunConfig, TaskConfig, TrainConfig
@@ -129,13 +141,14 @@ class LiveRunner:
                  describe: Callable[[RunConfig], str] = describe_run,
                  make_trainer: Callable[[Any], Any] | None = None,
                  debounce_s: float = 0.25, chunk_s: float = 0.04, probe_every: int = 100,
-                 threads: int | None = 1, worker: bool = True):
+                 threads: int | None = 1, worker: bool = True, cache: RunCache | bool | None = None):
         self.on_status, self.on_chunk, self.probe, self.on_probes = on_status, on_chunk, probe, on_probes
         self.reference_of, self.describe = reference_of, describe
         self.make_trainer = make_trainer
         self.debounce_s, self.chunk_s, self.probe_every = debounce_s, chunk_s, probe_every
         self.threads = threads                    # torch threads while training (None: leave as is)
         self.worker = worker                      # async runs compute in the worker thread (False: on the loop)
+        self.cache: RunCache | None = RunCache() if cache is True else (cache or None)   # shared finished runs
         self.generation = 0
         self.state: RunState | None = None        # the latest run that started (its trainer, timings, probes)
         self.runs_started = 0
@@ -296,12 +309,30 @@ class LiveRunner:
         when due. It yields either a compute job (a callable: build, train a chunk, probe; the driver runs it,
         in the worker thread or inline, under :func:`~moewidgets.train.torch_threads`, and sends its result
         back) or None (a point where the loop may handle messages). Everything between yields (the callbacks,
-        the status line) runs on the caller's thread, so :meth:`run_sync` and :meth:`_drive` share it."""
+        the status line) runs on the caller's thread, so :meth:`run_sync` and :meth:`_drive` share it.
+
+        With a run cache, finished trainers found there are restored first (then every chunk is empty: the loop
+        below only probes and draws, once), and the cache is written at the end (:meth:`_cached_start`)."""
         t_fire = time.perf_counter()
         self.runs_started += 1
         trainer, reference = yield (lambda: (self._build(run), self._reference(run)))
         st = RunState(run, generation, trainer, reference, t_fire)
         self.state = st
+        lock = None
+        try:
+            if self._cacheable(trainer):
+                lock = yield from self._cached_start(st)
+            yield from self._train_and_draw(st)
+            if st.phase == "done" and self._cacheable(trainer):
+                yield functools.partial(self._store_job, st)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train_and_draw(self, st: RunState) -> Generator[Callable[[], Any] | None, Any, None]:
+        """The chunk loop of :meth:`_work`: train a chunk (model and reference in lockstep), redraw, probe when
+        due, until both are done (or a step fails)."""
+        trainer, reference, t_fire = st.trainer, st.reference, st.t_fire
         chunk, next_probe = 1, self.probe_every      # a one-step first chunk: the first redraw comes quickly
         while True:
             t0 = time.perf_counter()
@@ -347,6 +378,67 @@ class LiveRunner:
                 return
             yield None
 
+    # -- the run cache (shared by kernels) -----------------------------------------------------------------------
+    def _cacheable(self, trainer) -> bool:
+        """True when this runner has a run cache and ``trainer`` is a plain :class:`~moewidgets.train.Trainer`."""
+        return self.cache is not None and self.make_trainer is None and isinstance(trainer, Trainer)
+
+    def _cached_start(self, st: RunState) -> Generator[Callable[[], Any] | None, Any, Any]:
+        """Restore what the run cache holds of ``st``'s run (a compute job). On a miss, claim the run; when another
+        kernel holds the claim, wait for its entry (polling, the status line says so) for up to ``cache.wait_s``
+        seconds, then train anyway. Returns the claim to release at the end (None: none held).
+
+        The claim is taken here, between jobs (on the caller's thread), never inside a job: a run superseded while
+        a job runs is closed at that yield, and :meth:`_work`'s ``finally`` releases whatever claim it holds."""
+        t0 = time.perf_counter()
+        poll = False
+        while True:
+            if (yield functools.partial(self._restore_job, st, poll)):
+                return None                                     # a hit: nothing to claim
+            try:
+                lock = self.cache.claim(st.run, self.threads)
+            except OSError as exc:                              # an unwritable cache folder: train, uncached
+                log.warning("run cache %s unusable (%s); training without it", self.cache.folder, exc)
+                return None
+            if lock is not None:
+                return lock
+            waited = time.perf_counter() - t0
+            if waited > self.cache.wait_s:
+                log.warning("run cache: waited %.0f s for another kernel's %s; training it here", waited,
+                            self.describe(st.run))
+                return None
+            self._set_status(f"{self.describe(st.run)} — the same run is training for another visitor: waiting "
+                             f"for it · {waited:.0f} s")
+            poll = True
+
+    def _restore_job(self, st: RunState, poll: bool) -> bool:
+        """A compute job: load a finished reference (if its trainer is not done) and the run's trainer from the
+        cache (``poll``: after a short sleep, waiting for another kernel). True on a hit of the run."""
+        if poll:
+            time.sleep(0.25)
+        cache, threads, ref = self.cache, self.threads, st.reference
+        if ref is not None and ref is not st.trainer and not ref.done and isinstance(ref, Trainer):
+            st.reference_missed = not cache.load(self.reference_of(st.run), ref, threads)
+        st.cached = cache.load(st.run, st.trainer, threads)
+        return st.cached
+
+    def _store_job(self, st: RunState) -> None:
+        """A compute job: store the finished trainers of ``st`` that were trained here (not restored, not yet
+        stored). A failure (full disk, read-only folder) is logged; the run stays done."""
+        cache, threads = self.cache, self.threads
+        items = [] if st.cached else [(st.run, st.trainer)]     # trained here: its entry was missing or bad
+        ref = st.reference
+        if ref is not None and ref is not st.trainer and isinstance(ref, Trainer):
+            ref_run = self.reference_of(st.run)
+            if ref_run is not None and (st.reference_missed or not cache.has(ref_run, threads)):
+                items.append((ref_run, ref))
+        for run, trainer in items:
+            try:
+                if trainer.done:
+                    cache.store(run, trainer, threads)
+            except (OSError, RuntimeError, ValueError) as exc:
+                log.warning("run cache: could not store %s (%s)", self.describe(run), exc)
+
     # -- caches --------------------------------------------------------------------------------------------------
     def _build(self, run) -> Any:
         """A fresh trainer for ``run``: ``make_trainer(run)``, or a Trainer on the cached task."""
@@ -391,7 +483,8 @@ class LiveRunner:
         if ref is not None and ref is not tr and not ref.done:
             text += f" · dense baseline {ref.steps_done}/{ref.cfg.steps}"
         wall = st.timings.wall_s if math.isfinite(st.timings.wall_s) else 0.0
-        return f"{text} · {wall:.2f} s — {st.phase}"
+        cached = " (cached)" if st.cached and st.phase == "done" else ""
+        return f"{text} · {wall:.2f} s — {st.phase}{cached}"
 
     def _set_status(self, text: str) -> None:
         self.status = text
