@@ -4,10 +4,10 @@ A budget bounds the work a config can ask for, so a typo (``d_model=10**5``, ``b
 grid) is a clear error before anything is allocated, instead of an allocator error, a ``MemoryError`` or the OOM
 killer. Two budgets:
 
-* **library / command line** (:data:`CLI`): what config validation applies everywhere (``RunConfig``,
+* **library / command line** (``CLI``): what config validation applies everywhere (``RunConfig``,
   ``LMConfig``, sweep specs): 16 GiB of tensors per run, 10⁷ steps, 10⁴ grid points, 10⁴ seeds, 10⁵ jobs.
   16 GiB fits the GPU and CPU machines the claim runs use and is ~100× the largest claim run (chapter 2's LM).
-* **dashboards / the classroom app** (:data:`DASHBOARD`): 0.5 GiB of tensors and 20 000 steps per run, so that
+* **dashboards / the classroom app** (``DASHBOARD``): 0.5 GiB of tensors and 20 000 steps per run, so that
   anyone with the link cannot exhaust a shared server from the config box; a chapter-1 default run needs ~110 MiB by this estimate.
 
 Raise them explicitly for a big machine or a cluster: the environment variables ``MOEWIDGETS_BUDGET_GB`` (library

@@ -16,7 +16,7 @@ Shapes (legend): S seeds, N points along the x axis (training steps), P panels.
 * :func:`trajectories` — both in one call; :func:`track_figure` reads the per-seed ``track`` of claim-run rows
   (``book/results/chapterN.jsonl``); :func:`loss_figure` plots training-loss histories on a log axis.
 
-Determinism: a fixed style (matplotlib's defaults plus :data:`STYLE`, whatever the user's matplotlibrc says), the Agg
+Determinism: a fixed style (matplotlib's defaults plus ``STYLE``, whatever the user's matplotlibrc says), the Agg
 canvas (no pyplot, no global figure state), and no ``Software`` chunk in the PNG: the same inputs give the same bytes
 with the same matplotlib. ``import moewidgets`` never imports matplotlib; this module imports it on first use.
 

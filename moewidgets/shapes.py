@@ -1,7 +1,7 @@
 """The shape alphabet: one meaning per letter, course-wide.
 
 Tensor names carry their shape as a suffix (``x_TD``, ``idx_TK``, ``w_in_EFD``) and every module opens with a
-legend of the letters it uses. :data:`SHAPE_LETTERS` is the one list those legends must agree with (the book's
+legend of the letters it uses. ``SHAPE_LETTERS`` is the one list those legends must agree with (the book's
 notation page shows the same table); ``tests/test_shapes.py`` parses every module's legend and checks it.
 
 A product or a part of another axis is written with ``=``: ``G = S·E``, ``T = B·L``, ``R = D``.

@@ -194,7 +194,11 @@ def test_jobs_cover_every_arm_and_seed_with_convergence_runs():
     assert longer[("lm-soft", 0)]["lm"]["steps"] == 300 and longer[("lm-soft:2x", 0)]["lm"]["steps"] == 600
     assert len(c2.chapter2_jobs(seeds=2, arms=["top-1"], converge=False)) == 1
     fresh = c2.chapter2_jobs(seeds=10, seed_start=100, arms=["top-2", "lm-soft"], converge=False)
-    assert fresh[0].seeds == tuple(range(100, 110)) and [j.seed for j in fresh[1:]] == list(range(100, 110))
+    assert fresh[0].seeds == tuple(range(100, 110)) and [j.seed for j in fresh[1:]] == list(range(100, 105))
+    # the LM arms train the pass rule's LM minimum by default (one LM seed costs an MLP seed group); more on request
+    assert c2.MIN_SEEDS_LM == 5
+    every = c2.chapter2_jobs(seeds=10, arms=["lm-soft"], converge=False, lm_seeds=10)
+    assert [j.seed for j in every] == list(range(10))
 
 
 @pytest.mark.parametrize("call,match", [

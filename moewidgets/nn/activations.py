@@ -9,8 +9,8 @@ Two expert forms share every activation ``φ``:
 * gated (``gated=True``, GLU):  ``E_e(x) = W_out[e] (φ(W_gate[e] x) ⊙ W_up[e] x)``
   weights ``w_gate_EFD, w_up_EFD, w_out_EDF``;  Jacobian ``W_out [diag(φ'(g) ⊙ u) W_gate + diag(φ(g)) W_up]``.
 
-A new activation is one entry of :data:`ACTIVATIONS` (a name, ``φ``, ``φ'`` and the form); the expert banks, the
-seed groups (:mod:`moewidgets.multiseed`), the MPI router and :mod:`moewidgets.geometry.jacobians` all read it.
+A new activation is one entry of ``ACTIVATIONS`` (a name, ``φ``, ``φ'`` and the form); the expert banks, the
+seed groups (:mod:`moewidgets.multiseed`), the MPI router and ``moewidgets.geometry.jacobians`` all read it.
 
 >>> sorted(ACTIVATIONS)
 ['gelu', 'relu', 'swiglu']

@@ -59,7 +59,7 @@ def ragged_available(device: str | torch.device, d_model: int, d_hidden: int,
 class ExpertBank(Protocol):
     """The expert-bank contract (design card): what geometry code, the MPI router and the seed groups read.
 
-    ``activation`` names an entry of :data:`~moewidgets.nn.activations.ACTIVATIONS`; the bank holds that entry's
+    ``activation`` names an entry of ``moewidgets.nn.activations.ACTIVATIONS``; the bank holds that entry's
     weights (``Activation.weights``) as attributes with the leading expert axis E. Our banks and the views the
     Hugging Face adapter builds over a transformers model (``moewidgets.geometry.alignment``) both satisfy it; read
     the weights through :func:`bank_weights`.
@@ -115,7 +115,7 @@ class _Bank(nn.Module):
 
 class PlainExperts(_Bank):
     """E two-layer experts ``E_e(x) = W_out[e] φ(W_in[e] x + b_in[e]) + b_out[e]`` with φ = ``activation``
-    (a plain entry of :data:`~moewidgets.nn.activations.ACTIVATIONS`: "gelu", "relu").
+    (a plain entry of ``moewidgets.nn.activations.ACTIVATIONS``: "gelu", "relu").
 
     Parameters: ``w_in_EFD`` (E, F, D), ``b_in_EF`` (E, F), ``w_out_EDF`` (E, D, F), ``b_out_ED`` (E, D).
 
@@ -193,7 +193,7 @@ class SwiGLUExperts(GatedExperts):
 
 def make_experts(kind: str, n_experts: int, d_model: int, d_hidden: int,
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The expert bank named by ``MoEConfig.expert`` (an entry of :data:`~moewidgets.nn.activations.ACTIVATIONS`).
+    """The expert bank named by ``MoEConfig.expert`` (an entry of ``moewidgets.nn.activations.ACTIVATIONS``).
 
     >>> make_experts("relu", 2, 4, 8).activation
     'relu'

@@ -4,7 +4,7 @@ Shape legend: S seeds (replicas), T tokens, D model width, F expert hidden width
 G groups (experts, or S·E (seed, expert) pairs), C capacity: token rows per group (padded), P (token, slot) pairs,
 M = S·T tokens of all seeds pooled.
 
-One set of functions serves the single model the book teaches (:mod:`moewidgets.nn`, tensors ``x_TD``, weights
+One set of functions serves the single model the book teaches (``moewidgets.nn``, tensors ``x_TD``, weights
 ``w_in_EFD``) and a group of S seeds trained at once (:mod:`moewidgets.multiseed`, one more leading axis:
 ``x_STD``, ``w_in_SEFD``). A function tells the two apart by the rank of ``x``. With a seed axis the router logits
 and probabilities are laid out expert-major, ``(S, E, T)``: a softmax over E is then a reduction across rows that

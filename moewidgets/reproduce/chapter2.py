@@ -119,7 +119,7 @@ LM_EVAL_TOKENS = 20_000
 LM_PROBE_TOKENS = 1024
 #: How many of those leading tokens SC-7's Jacobian spectra use (about 500 positions; ours).
 LM_SPECTRA_TOKENS = 512
-#: The rank r of the routed subspaces (ours: r = 4 or 8 suits small models); 2r is the stability check.
+#: The rank r of the routed subspaces (our choice; r = 4 or 8 suits small models); 2r is the stability check.
 SUBSPACE_RANK = 4
 N_DRAWS, N_SPLITS = 20, 10     # random-group / isotropic draws and split-half splits of the references
 
@@ -402,19 +402,25 @@ def chapter2_seeds_job(payload: dict, seeds: list[int]) -> list[dict[str, Any]]:
 
 
 def chapter2_jobs(seeds: int = 10, arms: list[str] | None = None, converge: bool = True,
-                  lm_steps: int | None = None, seed_start: int = 0) -> list[Job]:
+                  lm_steps: int | None = None, seed_start: int = 0, lm_seeds: int | None = None) -> list[Job]:
     """The chapter-2 claim-run jobs: every arm × seed, plus (``converge``) the convergence runs: MLP arms 4×
     longer (``arm:4x``, loss only), LM arms 2× longer (``arm:2x``, probed too). An MLP arm's seeds train at once
     (one seed group, a job giving one row per seed); an LM arm has one job per seed. ``lm_steps``: the LM arms'
-    training steps (default: the CPU preset's 400).
+    training steps (default: the CPU preset's 400). ``lm_seeds``: how many of the seeds the LM arms train (default
+    ``min(seeds, MIN_SEEDS_LM)``, the pass rule's minimum for LM rows: one LM seed costs about as much CPU as a
+    whole MLP seed group, so the MLP arms get the 10 seeds their rows need and the LM arms the 5 theirs need).
 
     >>> jobs = chapter2_jobs(seeds=2)
     >>> len(jobs), sum(j.n_rows for j in jobs), sorted({j.arm for j in jobs})[:4]
     (24, 32, ['lm-dense', 'lm-dense-active', 'lm-dense-active:2x', 'lm-dense:2x'])
+    >>> n_lm = lambda jobs: sum(j.arm == "lm-soft" for j in jobs)
+    >>> n_lm(chapter2_jobs(seeds=10)), n_lm(chapter2_jobs(seeds=10, lm_seeds=10))
+    (5, 10)
 
     Chapter 2 (book/chapter2.ipynb).
     """
     seed_list = seed_range(seeds, seed_start)
+    lm_seed_list = seed_range(min(seeds, MIN_SEEDS_LM) if lm_seeds is None else lm_seeds, seed_start)
     if lm_steps is not None and (isinstance(lm_steps, bool) or not isinstance(lm_steps, int) or lm_steps < 1):
         raise ValueError(f"lm_steps={lm_steps!r} must be a positive integer or None (the CPU preset's steps)")
     for arm in arms or []:
@@ -429,7 +435,7 @@ def chapter2_jobs(seeds: int = 10, arms: list[str] | None = None, converge: bool
                 long = chapter2_payload(chapter2_mlp_run(arm, 0, 4), converge_only=True)
                 jobs.append(seed_group_job(f"{arm}:4x", group_fn, long, seed_list))
             continue
-        for seed in seed_list:                            # LM arms: one job per seed (no seed axis)
+        for seed in lm_seed_list:                         # LM arms: one job per seed (no seed axis)
             jobs.append(Job(arm, fn, chapter2_payload(chapter2_lm_config(arm, seed, steps=lm_steps)), seed))
             if converge:
                 long = chapter2_payload(chapter2_lm_config(arm, seed, LM_CONVERGE_FACTOR, steps=lm_steps))
