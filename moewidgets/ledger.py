@@ -124,7 +124,7 @@ for row in probe(model, input_ids).summary():         # GA-1, every layer: align
     print(row["layer"], row["alignment_mean_abs"], row["alignment_null_level"], row["alignment_ceiling"])
 traces = trace_hf(model, input_ids)                   # GA-2 … GA-4: distances vs split-half floor, random null
 for L, block in moe_blocks(model).items():
-    res = layer_asymmetry(expert_bank(block.experts), traces[L], rank=16)     # spec: r in {8, 16, 32}
+    res = layer_asymmetry(expert_bank(block.experts), traces[L], rank=16)     # the paper's r in {8, 16, 32}
     print(L, res.summary.summary())"""
 
 
