@@ -357,7 +357,8 @@ def forest_figure(results: Sequence[Any], *, title: str, caption: str, roles: Se
         raise ValueError(f"rows without per-seed differences or predicted sign: {missing[:3]} (make them with the "
                          f"chapter's claims function)")
     with _style():
-        fig = Figure(figsize=(width_in, 0.9 + 0.26 * len(rows)))
+        # the legend sits below the axes (constrained layout makes room), never over the bottom row
+        fig = Figure(figsize=(width_in, 1.2 + 0.26 * len(rows)), layout="constrained")
         ax = fig.add_subplot(1, 1, 1)
         for y, r in enumerate(reversed(rows)):
             scale = (abs(r.mean_a) + abs(r.mean_b)) / 2 or 1.0
@@ -379,7 +380,6 @@ def forest_figure(results: Sequence[Any], *, title: str, caption: str, roles: Se
         present = [v for v in VERDICT_COLOURS if any(r.verdict == v for r in rows)]
         handles = [Line2D([], [], color=VERDICT_COLOURS[v], lw=2.4, label=v) for v in present]
         handles.append(Line2D([], [], color="black", marker="|", ls="none", ms=8, label="mean over seeds"))
-        ax.legend(handles=handles, loc="lower right", fontsize=7, frameon=True)
-        fig.tight_layout()
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7)
         del matplotlib
     return render(fig, caption, dpi=dpi)

@@ -230,7 +230,8 @@ def test_forest_figure_puts_agreement_right_of_zero_and_colours_by_verdict():
     np.testing.assert_allclose(by_colour[VERDICT_COLOURS["holds"]], np.array([0.3, 0.2, 0.25]) / scale * 100)
     np.testing.assert_allclose(by_colour[VERDICT_COLOURS["fails"]], -np.array([0.3, 0.2, 0.25]) / scale * 100)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["X-1 a vs b: m", "X-1 a vs b: m"]
-    assert ax.get_xlabel() and ax.get_legend() is not None
+    assert ax.get_xlabel() and len(fig.legends) == 1                # the legend sits below the axes, not on a row
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["holds", "fails", "mean over seeds"]
 
 
 def test_forest_figure_refuses_rows_without_differences():
