@@ -94,7 +94,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 __all__ = ["Job", "JobError", "run_jobs", "job_key", "count_cached", "write_jsonl", "read_jsonl", "write_atomic",
-           "source_hash", "code_version", "ResultsFileError",
+           "ClaimLock", "source_hash", "code_version", "ResultsFileError",
            "process_executor", "dask_executor", "open_executor", "EXECUTORS", "SpecError", "SweepSpec",
            "SweepResult", "METRICS", "load_spec", "run_sweep"]
 
@@ -356,8 +356,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class _Lock:
-    """A claim on one job in a shared cache: ``<key>.lock`` created with ``O_CREAT | O_EXCL`` holding
+class ClaimLock:
+    """A claim on one job in a shared cache (the sweep cache, and the dashboards' run cache): ``<key>.lock`` created with ``O_CREAT | O_EXCL`` holding
     ``"<pid> <host>"``. A lock whose owner (on this host) is dead is stale and taken over."""
 
     def __init__(self, path: Path):
@@ -450,7 +450,7 @@ def _run_jobs(jobs: list[Job], executor: Executor | None, cache_dir: str | Path 
         bar = tqdm(total=sum(j.n_rows for j in jobs), initial=sum(jobs[i].n_rows for i in rows), desc=desc,
                    unit="run")
 
-    locks: dict[int, _Lock] = {}      # jobs this process has claimed in the shared cache
+    locks: dict[int, ClaimLock] = {}      # jobs this process has claimed in the shared cache
     claimed: set[int] = set()         # jobs this process runs
 
     def claim(i: int) -> bool:
@@ -459,7 +459,7 @@ def _run_jobs(jobs: list[Job], executor: Executor | None, cache_dir: str | Path 
         if cache is None:
             claimed.add(i)
             return True
-        lock = _Lock(cache / f"{keys[i]}.lock")
+        lock = ClaimLock(cache / f"{keys[i]}.lock")
         if not lock.acquire():
             return False
         cached = _read_cached(paths[i], jobs[i], keys[i], quiet=True)

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from ..sweep import _Lock, source_hash, write_atomic
+from ..sweep import ClaimLock, source_hash, write_atomic
 from ..train import History, Trainer
 
 __all__ = ["RunCache", "default_folder", "FORMAT"]
@@ -226,11 +226,11 @@ class RunCache:
         return gone
 
     # -- claims --------------------------------------------------------------------------------------------------
-    def claim(self, run, threads: int | None = 1) -> _Lock | None:
+    def claim(self, run, threads: int | None = 1) -> ClaimLock | None:
         """Claim the training of ``run``: the lock (call ``release()`` when the entry is stored or the run
         stopped), or None when another live process holds it (wait for its entry instead)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        lock = _Lock(self.folder / f"{self.key(run, threads)}.lock")
+        lock = ClaimLock(self.folder / f"{self.key(run, threads)}.lock")
         return lock if lock.acquire() else None
 
     def claimed(self, run, threads: int | None = 1) -> bool:
