@@ -1,7 +1,7 @@
 # moewidgets — set up, open, test and build the course.  GNU make; works as root and non-root.
 #
 #   make lab        create .venv if missing, install, open JupyterLab on the book (127.0.0.1, token kept)
-#   make test       install check, Chromium check, figures, pytest (unit, packaging, browser, doctests), nbval, book build, offline-book test
+#   make test       install check, Chromium check, figures, book build, pytest on every core (unit, doctests, nbval, offline book), timed browser tests
 #   make book       build the HTML book from the committed notebook outputs into book/_build/html
 #   make notebooks  jupytext --sync book/*.md, then execute every book notebook (tools/execute_notebook.py)
 #   make bench      run the benchmarks (bench/)
@@ -57,6 +57,9 @@ help:
 # ---------------------------------------------------------------------------------------------
 # Install: torch FIRST (tools/install_torch.sh: TORCH_SPEC / TORCH_INDEX), then the package with the CI pins from
 # constraints.txt minus its torch line (torch is already there; an overridden TORCH_SPEC must not fight the pin).
+# The package and its ~190 dependencies go in with uv (the pinned lock tool: parallel downloads and a shared cache;
+# measured on the busy course machine, same versions: 6 s against 155 s with pip); where uv cannot (e.g. a machine that
+# reaches packages only through pip's own configured mirror, which uv does not read), pip does it.
 # Re-runs only when pyproject.toml or constraints.txt change (or the stamp is removed).
 $(VENV)/.installed: pyproject.toml constraints.txt tools/install_torch.sh
 	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
@@ -67,7 +70,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt tools/install_torch.sh
 			exit 1; fi; }; }
 	grep -v -E '^torch==' constraints.txt > $(VENV)/constraints-no-torch.txt
 	TORCH_CONSTRAINTS=$(VENV)/constraints-no-torch.txt tools/install_torch.sh $(PY)
-	$(PY) -m pip install -c $(VENV)/constraints-no-torch.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q -c $(VENV)/constraints-no-torch.txt uv && \
+		$(VENV)/bin/uv pip install --python $(PY) -c $(VENV)/constraints-no-torch.txt -e ".[$(EXTRAS)]" || { \
+		echo "make install: uv could not install the package (its message is above); installing with pip instead"; \
+		$(PY) -m pip install -c $(VENV)/constraints-no-torch.txt -e ".[$(EXTRAS)]"; }
 	@mkdir -p $(LAB_SETTINGS)
 	@printf '%s\n' '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' \
 		> $(LAB_SETTINGS)/overrides.json
@@ -82,11 +88,20 @@ lab: install
 
 # ---------------------------------------------------------------------------------------------
 # Stops at the first failing step; prints each step's and the whole run's wall time. Order: install check (the
-# prerequisite) -> Chromium (tools/ensure_chromium.sh: apt as root, else stop with the command) -> figures -> pytest
-# over tests/ and the package's docstrings (--doctest-modules, testpaths in pyproject) -> nbval on the committed
-# outputs -> book build from those same outputs (execute_notebooks: "off": nothing runs twice) -> the offline-book
-# browser test, which needs the built book. (No $(MAKE) in this recipe: `make -n test` must not run it.)
+# prerequisite) -> Chromium (tools/ensure_chromium.sh: apt as root, else stop with the command) -> figures -> the book
+# build from the committed outputs (execute_notebooks: "off": nothing runs twice) -> ONE pytest session on
+# TEST_WORKERS processes (pytest-xdist, --dist loadscope: a notebook's cells and a test module stay on one worker):
+# the unit tests, the package's docstrings (--doctest-modules, testpaths in pyproject), nbval on the committed
+# outputs and the offline-book browser test (it needs the built book) -> the browser tests that time what a user
+# waits for (JupyterLab, the classroom app, its reconnect), one at a time with nothing beside them.
+# (No $(MAKE) in this recipe: `make -n test` must not run it.)
+# The offline-book test is the longest single test (≈ 75 s): it goes first, the notebooks next, so that no worker
+# is left with it at the end while the other idles (measured: 261 s for the session, against 281 s in pytest's order).
 OFFLINE_BOOK_TEST := tests/browser/test_offline_book.py
+TIMED_BROWSER_TESTS := tests/browser/test_chapter1_browser.py tests/browser/test_voila_browser.py \
+	tests/browser/test_voila_reconnect.py
+# Workers: the cores, at most 4 (each holds torch and a notebook kernel: ≈ 0.5 GB).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 test: install
 	@step() { local name=$$1 t=$$(date +%s); shift; echo; echo "==> $$name: $$*"; \
 		"$$@" || return $$?; echo "<== $$name: ok in $$(( $$(date +%s) - t )) s"; }; \
@@ -94,12 +109,14 @@ test: install
 		step "chromium" tools/ensure_chromium.sh && \
 		step "figures" $(PY) tools/make_static_figures.py --render-only && \
 		step "performance figure" $(PY) tools/make_performance_figure.py && \
-		step "pytest tests + doctests" $(PY) -m pytest tests moewidgets --ignore=$(OFFLINE_BOOK_TEST) && \
-		step "nbval" $(PY) -m pytest --nbval --nbval-current-env book/ --ignore=book/_build \
-			--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider && \
 		step "book build" $(BOOK_BUILD) -W -n --keep-going && \
-		if [ -f $(OFFLINE_BOOK_TEST) ]; then step "offline book" $(PY) -m pytest $(OFFLINE_BOOK_TEST); \
-		else echo "(no $(OFFLINE_BOOK_TEST) yet)"; fi ; \
+		step "pytest: unit tests, doctests, nbval, offline book ($(TEST_WORKERS) workers)" \
+			$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder \
+			$(OFFLINE_BOOK_TEST) book tests moewidgets --ignore=book/_build \
+			$(addprefix --ignore=,$(TIMED_BROWSER_TESTS)) \
+			--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider && \
+		step "browser tests that time what users wait for (one at a time)" \
+			$(PY) -m pytest $(TIMED_BROWSER_TESTS) -p no:cacheprovider ; \
 	} || rc=$$?; \
 	echo; echo "make test: $$( [ $$rc -eq 0 ] && echo PASSED || echo "FAILED (exit $$rc)" )," \
 		"wall $$(( $$(date +%s) - $(T0) )) s (including the install check)"; \

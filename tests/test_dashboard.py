@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import numpy as np
 import pytest
@@ -155,9 +156,38 @@ def test_rapid_requests_end_in_one_run_for_the_final_values():
 
     dash, others = asyncio.run(drag())
     assert others == []
-    assert dash.runner.runs_started == 1 and dash.runner.runs_completed == 1
+    # the first message starts at once (a quiet spell before it), the 29 others fall within the debounce: one more
+    # run, for the final values, and only that one finishes
+    assert dash.runner.runs_started <= 2 and dash.runner.runs_completed == 1
     assert dash.runner.state.run.model.n_experts == 7 and dash.status.endswith("done")
     assert dash.trainer.steps_done == 60
+    dash.runner.close()
+
+
+def test_a_single_change_starts_at_once_and_a_burst_waits_for_the_debounce():
+    """Leading and trailing edge: after a quiet spell a change starts its run with no debounce; a change within
+    ``debounce_s`` of the previous one waits for it (the request's timer)."""
+    async def go():
+        dash = Chapter1Dashboard(SMALL, autostart=False)
+        runner = dash.runner
+        runner.debounce_s = 5.0                     # long: a change that waited for it could not pass below
+        t0 = time.perf_counter()
+        dash.w_k.value = 1                          # quiet before: starts at once
+        await dash.wait()
+        single = time.perf_counter() - t0
+        dash.w_k.value = 2                          # long after the last request? no: within 5 s → debounced
+        pending = runner._timer is not None and runner._timer.when() - asyncio.get_running_loop().time() > 4.0
+        runner.stop()
+        runner.leading = False                      # the switch: every change waits for the debounce
+        runner._last_request = -math.inf
+        dash.w_k.value = 3
+        waits = runner._timer is not None and runner._timer.when() - asyncio.get_running_loop().time() > 4.0
+        runner.stop()
+        return dash, single, pending, waits
+
+    dash, single, pending, waits = asyncio.run(go())
+    assert single < 5.0 and dash.runner.runs_completed == 1 and dash.status.startswith("stopped")
+    assert pending and waits
     dash.runner.close()
 
 

@@ -185,7 +185,7 @@ def test_environment_yml_honours_the_lock_and_takes_cpu_torch():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# make test: the order of its steps, doctests, the offline-book test after the build
+# make test: the order of its steps, doctests, the offline-book test after the build, timed browser tests alone
 
 
 def _test_recipe() -> str:
@@ -195,15 +195,29 @@ def _test_recipe() -> str:
 def test_make_test_runs_its_steps_in_order():
     recipe = _test_recipe()
     assert re.match(r"test: install\b", recipe), "the install check is make test's prerequisite"
-    order = ['step "chromium" tools/ensure_chromium.sh', 'step "figures"', 'step "pytest tests', 'step "nbval"',
-             'step "book build"', 'step "offline book"']
+    order = ['step "chromium" tools/ensure_chromium.sh', 'step "figures"', 'step "book build"', 'step "pytest: unit',
+             'step "browser tests that time']
     at = [recipe.find(s) for s in order]
     assert all(i >= 0 for i in at), dict(zip(order, at))
     assert at == sorted(at), f"steps out of order: {dict(zip(order, at))}"
-    pytest_line = next(line for line in recipe.splitlines() if 'step "pytest tests' in line)
-    assert "tests moewidgets" in pytest_line, "the pytest step runs the package's doctests too"
-    assert "--ignore=$(OFFLINE_BOOK_TEST)" in pytest_line, "the offline-book test needs the built book: run it after"
+    parallel = recipe[at[3]:at[4]]
+    assert "-n $(TEST_WORKERS) --dist loadscope" in parallel, "a notebook's cells must stay on one worker (nbval)"
+    assert "$(OFFLINE_BOOK_TEST) book tests moewidgets" in parallel, "the unit tests, the package's doctests and " \
+        "the book's notebooks, the longest test first"
     assert "OFFLINE_BOOK_TEST := tests/browser/test_offline_book.py" in _makefile()
+    assert "--nbval --nbval-current-env" in parallel
+    assert "$(addprefix --ignore=,$(TIMED_BROWSER_TESTS))" in parallel, "timed browser tests run alone, after"
+    assert "$(TIMED_BROWSER_TESTS)" in recipe[at[4]:]
+
+
+def test_every_browser_test_runs_once_and_the_timed_ones_alone():
+    """The offline-book test (it needs the built book, which the step before builds) runs with the parallel
+    session; the tests that time what a user waits for run after it, one at a time; none is left out."""
+    timed = re.search(r"^TIMED_BROWSER_TESTS := ((?:.*\\\n)*.*)$", _makefile(), flags=re.MULTILINE).group(1)
+    timed_files = set(timed.replace("\\", " ").split())
+    browser = {f"tests/browser/{p.name}" for p in (ROOT / "tests" / "browser").glob("test_*.py")}
+    assert timed_files <= browser, timed_files - browser
+    assert browser - timed_files == {"tests/browser/test_offline_book.py"}
 
 
 def test_pytest_runs_the_package_doctests():

@@ -285,7 +285,7 @@ class DashboardBase:
         if st is not None and math.isfinite(st.timings.fire_to_first_redraw_s):
             first_ms, rate = 1e3 * st.timings.fire_to_first_redraw_s, st.timings.redraws_per_s
             timing = (f' data-first-redraw-ms="{first_ms:.0f}" data-redraws-per-s="{rate:.1f}" title="first redraw '
-                      f'{first_ms:.0f} ms after the debounce fired · {rate:.1f} redraws/s"')
+                      f'{first_ms:.0f} ms after the run started · {rate:.1f} redraws/s"')
         self.w_status.value = (f'<div class="moewidgets-status"{timing} style="font-family: monospace; '
                                f'color: {color}">{html.escape(text)}</div>')
 

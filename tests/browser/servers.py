@@ -1,8 +1,10 @@
 """What both browser tests share: where things are, how Chromium is launched, and starting a server on a free port
-and waiting until it answers (JupyterLab in test_chapter1_browser.py, Voila in test_voila_browser.py)."""
+and waiting until it answers (JupyterLab in test_chapter1_browser.py, Voila in test_voila_browser.py and test_voila_reconnect.py), and
+stopping it again."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -42,3 +44,14 @@ def wait_until_answers(proc: subprocess.Popen, url: str, name: str, timeout_s: f
         except (OSError, urllib.error.HTTPError):
             time.sleep(0.3)
     raise TimeoutError(f"{name} did not answer at {url.split('?')[0]} within {timeout_s} s")
+
+
+def stop_server(proc: subprocess.Popen, *folders: str | Path) -> None:
+    """Stop the server ``proc`` (terminate, kill after 15 s) and remove the temporary ``folders`` it used."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)

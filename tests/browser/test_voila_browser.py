@@ -52,7 +52,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from servers import CHROMIUM, LAUNCH_ARGS, OUT, ROOT, free_port, repo_env, wait_until_answers
+from servers import CHROMIUM, LAUNCH_ARGS, OUT, ROOT, free_port, repo_env, stop_server, wait_until_answers
 
 pytestmark = pytest.mark.browser
 
@@ -356,13 +356,7 @@ def test_chapter1_in_voila():
         (OUT / "voila.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
         print(json.dumps(result, indent=1, ensure_ascii=False))
     finally:
-        voila.terminate()
-        try:
-            voila.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            voila.kill()
-        shutil.rmtree(profile, ignore_errors=True)
-        shutil.rmtree(run_cache, ignore_errors=True)
+        stop_server(voila, profile, run_cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------
