@@ -159,7 +159,8 @@ reproduce: install
 # Preheated kernels: Voila keeps APP_POOL kernels per chapter notebook started, with the notebook already run
 # (torch imported, the default run trained or taken from the run cache), and hands one to the next visitor; APP_LESSON
 # (the chapter a class opens at once) keeps APP_LESSON_POOL. Each waiting kernel holds ≈ 0.4 GB: the default
-# (1 per chapter, 4 chapters) ≈ 1.6 GB; `make app APP_LESSON_POOL=6` for six visitors at once adds 2 GB. A used kernel
+# (1 per chapter, 4 chapters) ≈ 1.6 GB; `make app APP_LESSON_POOL=6` for six visitors at once adds 2 GB (a lesson on
+# one chapter: APP_POOL=0 APP_LESSON_POOL=6, what the Voila test measures). A used kernel
 # is replaced 20 s later (not during the burst). APP_POOL=0 APP_LESSON_POOL=0 turns the pools off. Finished runs
 # are shared by all kernels through the run cache (MOEWIDGETS_RUN_CACHE, default ~/.cache/moewidgets/runs).
 APP_PORT ?= 8866
