@@ -3,6 +3,7 @@ objects work headless; comm messages go nowhere)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 
@@ -282,3 +283,53 @@ def test_stop_while_only_queued_says_nothing_started():
     dash = asyncio.run(queue_then_stop())
     assert dash.status == "stopped: top-2 of 3 · τ=1 · α=0 · seed 0 was not started"
     assert dash.runner.runs_started == 0
+
+
+def test_every_redraw_reaches_the_page_as_one_patch_that_rebuilds_the_document():
+    """``one_patch``: a run's redraws go out as bokeh PATCH-DOC messages of exactly 3 comm messages each (header,
+    metadata, content; arrays inline, no buffers), and applying them in order to a copy of the page's document (as
+    the page does) gives the kernel's document after the run: nothing lost by batching (oracle: bokeh's own
+    document model)."""
+    import json as _json
+
+    from bokeh.document import Document
+    from bokeh.protocol.messages.patch_doc import patch_doc
+
+    dash = Chapter1Dashboard(SMALL, autostart=False)
+    bokeh = dash.widget.children[-1]
+    page = Document.from_json(bokeh._document.to_json())              # what the page holds before the run
+    sent = []
+    bokeh.send = lambda content, buffers=None: sent.append((content, buffers))
+    dash.run_sync()
+    assert sent and len(sent) % 3 == 0 and all(buffers is None for _, buffers in sent)
+    patches = [sent[i:i + 3] for i in range(0, len(sent), 3)]
+    for parts in patches:
+        header, metadata, content = (_json.loads(c["payload"]) for c, _ in parts)
+        assert header["msgtype"] == "PATCH-DOC" and content["events"]
+        patch_doc(header, metadata, content).apply_to_document(page)
+    assert len(patches) <= dash.redraws + len(dash.runner.state.timings.probe_s)     # one per redraw at most
+
+    kernel = {m.id: m for m in bokeh._document.models}
+    assert {m.id for m in page.models} == set(kernel)
+    for m in page.models:                                    # every property of every model, arrays by value
+        ours, theirs = kernel[m.id].properties_with_values(), m.properties_with_values()
+        assert ours.keys() == theirs.keys() and all(_same_value(ours[k], theirs[k]) for k in ours), m
+    dash.runner.close()
+
+
+def _same_value(a, b) -> bool:
+    """Equal bokeh property values: arrays by value, models by id, containers element by element."""
+    from bokeh.model import Model
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(np.asarray(a), np.asarray(b))
+    if isinstance(a, Model) or isinstance(b, Model):
+        return isinstance(a, Model) and isinstance(b, Model) and a.id == b.id
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if type(a) is type(b) and dataclasses.is_dataclass(a):          # bokeh's Field / Value specs
+        return all(_same_value(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    return a == b

@@ -28,11 +28,14 @@ VIEWS = ("distance", "alignment", "scatter", "loss")
 
 
 def sources(dash: Chapter2Dashboard) -> dict[str, dict]:
+    """Every view's data, column by column, NaN as the string "nan" (NaN ≠ NaN would make two reads of the same
+    data unequal: a cell of an expert with too few routed points is NaN)."""
     out = {}
     for name in VIEWS:
         for field, src in vars(getattr(dash.views, name)).items():
             if isinstance(src, ColumnDataSource):
-                out[f"{name}.{field}"] = {k: list(v) for k, v in src.data.items()}
+                out[f"{name}.{field}"] = {k: ["nan" if isinstance(x, float) and math.isnan(x) else x for x in v]
+                                          for k, v in src.data.items()}
     return out
 
 

@@ -1,6 +1,6 @@
 """What every chapter's live dashboard shares: :class:`DashboardBase` (the :class:`~.runner.LiveRunner` wiring,
 the widgets every chapter has, the config ⇄ JSON box, the status line, the public accessors and the notebook
-display) and :func:`bokehjs_loader`.
+display), :func:`bokehjs_loader` and :func:`one_patch`.
 
 A chapter's dashboard subclasses :class:`DashboardBase` and defines only what differs: its own controls
 (``_build_controls``, ``_control_rows``, ``_set_controls``, ``_sync_enabled``), ``_config_from_widgets``, the
@@ -10,7 +10,7 @@ extra text and its short repr.
 from __future__ import annotations
 
 import asyncio
-
+import contextlib
 import html
 import json
 import math
@@ -26,7 +26,7 @@ from ..balance import max_violation
 from ..config import RunConfig
 from .runner import LiveRunner, RunState, describe_run
 
-__all__ = ["DashboardBase", "bokehjs_loader", "AUX_WEIGHTS", "extend_maxvio", "draw_maxvio_and_loss"]
+__all__ = ["DashboardBase", "bokehjs_loader", "one_patch", "patch_message", "AUX_WEIGHTS", "extend_maxvio", "draw_maxvio_and_loss"]
 
 AUX_WEIGHTS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # the load-balancing slider: log steps, and 0 (off)
 
@@ -57,6 +57,61 @@ def bokehjs_loader() -> W.Output:
         data = {LOAD_MIME_TYPE: js, "application/javascript": js}    # jupyter_bokeh's renderer, else plain JS
         _BOKEHJS.outputs = ({"output_type": "display_data", "metadata": {}, "data": data},)
     return _BOKEHJS
+
+
+def patch_message(events: list):
+    """One bokeh ``PATCH-DOC`` message holding ``events`` (all of one document), arrays inline (base64) instead of
+    as separate buffers: what ``bokeh.protocol.messages.patch_doc.create`` builds, with a non-deferred serializer."""
+    from bokeh.core.serialization import Serializer
+    from bokeh.document.json import PatchJson
+    from bokeh.protocol.messages.patch_doc import patch_doc
+    doc = events[0].document
+    serializer = Serializer(references=doc.models.synced_references, deferred=False)
+    content = PatchJson(events=serializer.encode(events))
+    doc.models.flush_synced(lambda model: not serializer.has_ref(model))
+    return patch_doc(patch_doc.create_header(), {}, content)
+
+
+def _send_patch(bokeh: BokehModel, events: list) -> None:
+    """Send ``events`` to the page as one message, framed as jupyter_bokeh frames one (header, metadata, content;
+    no buffers): the page's BokehModel view reassembles it and applies every event in order."""
+    msg = patch_message(events)
+    for part in (msg.header_json, msg.metadata_json, msg.content_json):
+        bokeh.send({"msg": "patch", "payload": part})
+
+
+@contextlib.contextmanager
+def one_patch(bokeh: BokehModel):
+    """Within the block, collect the bokeh document's changes and send them to the page as one message at the end.
+
+    Why: jupyter_bokeh sends every document event on its own, as 3 comm messages plus 2 per data array; one redraw
+    of chapter 1 changes a dozen properties and arrays, and a k move sent 530 messages of 0.2–0.4 KB, each parsed,
+    relayed by the server and applied by the page, on the two cores that also train. Here a redraw is one patch of 3
+    messages, its arrays inline (:func:`patch_message`). Uses jupyter_bokeh's receiver hook (``_document_patched``, the method its document
+    dispatches to); changes the page itself made (``setter`` is the widget) are not echoed, as jupyter_bokeh does.
+    Nested blocks send once, at the end of the outermost.
+
+    >>> from bokeh.plotting import figure
+    >>> fig = figure(); widget = BokehModel(fig); sent = []
+    >>> widget.send = lambda content, buffers=None: sent.append(content)
+    >>> with one_patch(widget):
+    ...     fig.title.text, fig.width = "a", 300
+    >>> len(sent)                                     # header, metadata, content: two events in one patch
+    3
+    >>> [e["kind"] for e in json.loads(sent[2]["payload"])["events"]]
+    ['ModelChanged', 'ModelChanged']
+    """
+    if "_document_patched" in vars(bokeh):                  # already collecting: the outer block sends
+        yield
+        return
+    events: list = []
+    bokeh._document_patched = lambda event: None if event.setter is bokeh else events.append(event)
+    try:
+        yield
+    finally:
+        del bokeh._document_patched
+        if events:
+            _send_patch(bokeh, events)
 
 
 def extend_maxvio(track, trainer, reference) -> None:
@@ -115,8 +170,11 @@ class DashboardBase:
         self._initial = config if config is not None else self._default_config()
         self._config = self._initial
         self._syncing = False               # True while code (not the user) sets widget values
-        self.runner = self._runner_class(on_status=self._show_status, on_chunk=self._draw_chunk,
-                                 reference_of=self._reference_of, describe=self._describe, **self._runner_hooks())
+        hooks = self._runner_hooks()
+        if "on_probes" in hooks:
+            hooks["on_probes"] = self._one_patch(hooks["on_probes"])
+        self.runner = self._runner_class(on_status=self._show_status, on_chunk=self._one_patch(self._draw_chunk),
+                                         reference_of=self._reference_of, describe=self._describe, **hooks)
         self._build_widgets()
         self._set_widgets(self._initial)
         self._show_status(f"ready: {self._describe(self._initial)}")
@@ -162,6 +220,13 @@ class DashboardBase:
     def _summary_extra(self) -> str:
         """Text appended to the status summary before the phase."""
         return ""
+
+    def _one_patch(self, draw: Callable[..., Any]) -> Callable[..., Any]:
+        """``draw`` sending its bokeh changes to the page as one message (:func:`one_patch`)."""
+        def drawn_as_one_patch(*args: Any) -> Any:
+            with one_patch(self.widget.children[-1]):
+                return draw(*args)
+        return drawn_as_one_patch
 
     def _redraw_due(self, st: RunState, final: bool) -> bool:
         """True when the views should be redrawn now: the first chunk of a new run, ``final``, or ``redraw_s``
