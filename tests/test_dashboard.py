@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import time
 
@@ -333,3 +334,28 @@ def _same_value(a, b) -> bool:
     if type(a) is type(b) and dataclasses.is_dataclass(a):          # bokeh's Field / Value specs
         return all(_same_value(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
     return a == b
+
+
+def test_bokehjs_goes_once_per_mime_type_asked():
+    """The BokehJS loader: by default under both mime types (JupyterLab renders jupyter_bokeh's, Voila plain JS);
+    the classroom app asks for Voila's alone (half a page load); one widget per kernel and choice."""
+    from bokeh.io.notebook import LOAD_MIME_TYPE
+
+    from moewidgets.dashboards.base import JS_MIME, bokehjs_loader
+    both, js = bokehjs_loader(), bokehjs_loader((JS_MIME,))
+    assert set(both.outputs[0]["data"]) == {LOAD_MIME_TYPE, JS_MIME} and set(js.outputs[0]["data"]) == {JS_MIME}
+    assert js.outputs[0]["data"][JS_MIME] == both.outputs[0]["data"][JS_MIME]
+    assert len(js.outputs[0]["data"][JS_MIME]) > 1_000_000 and "window.Bokeh" in js.outputs[0]["data"][JS_MIME]
+    assert bokehjs_loader((JS_MIME,)) is js and bokehjs_loader() is both
+    dash = Chapter1Dashboard(SMALL, autostart=False)
+    dash.loader_mimes = (JS_MIME,)
+    shown = []
+    import IPython.display
+    original = IPython.display.display
+    IPython.display.display = lambda *objs, **kw: shown.extend(objs)
+    try:
+        dash._ipython_display_()
+    finally:
+        IPython.display.display = original
+    assert js.model_id in json.dumps(shown[0], default=str)        # the app's dashboard shows the one-copy loader
+    dash.runner.close()

@@ -39,14 +39,16 @@ CACHED = {"chapter1", "chapter2", "chapter3"}
 
 def dashboard_source(cls: str, cached: bool) -> str:
     """The dashboard cell: one torch thread, the dashboard (its run shared through the run cache when
-    ``cached``), resynced for pages that connect late."""
-    lines = ["import torch", f"from moewidgets.dashboards import {cls}"]
+    ``cached``; BokehJS sent once, in the mime type Voila renders), resynced for pages that connect late."""
+    lines = ["import torch", f"from moewidgets.dashboards import {cls}",
+             "from moewidgets.dashboards.base import JS_MIME"]
     lines += ["from moewidgets.dashboards.runcache import RunCache"] if cached else []
     lines += ["", "torch.set_num_threads(1)   # one thread per visitor: a shared server's cores go further",
               f"dash = {cls}(autostart=False)"]
     if cached:
         lines += ["dash.runner.cache = RunCache()   # finished runs shared by every visitor's kernel (app/README.md)"]
-    lines += ["dash.resync_late_pages()   # a page that connects late gets the plots as they are now",
+    lines += ["dash.loader_mimes = (JS_MIME,)   # BokehJS once, as Voila renders it (not twice: 1.6 MB per page)",
+              "dash.resync_late_pages()   # a page that connects late gets the plots as they are now",
               "dash.runner.request(dash.config, delay=0.0)",
               "dash"]
     return "\n".join(lines)

@@ -26,37 +26,45 @@ from ..balance import max_violation
 from ..config import RunConfig
 from .runner import LiveRunner, RunState, describe_run
 
-__all__ = ["DashboardBase", "bokehjs_loader", "one_patch", "patch_message", "AUX_WEIGHTS", "extend_maxvio", "draw_maxvio_and_loss"]
+__all__ = ["DashboardBase", "bokehjs_loader", "one_patch", "patch_message", "AUX_WEIGHTS", "extend_maxvio",
+           "draw_maxvio_and_loss", "JS_MIME"]
 
 AUX_WEIGHTS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # the load-balancing slider: log steps, and 0 (off)
 
 
-_BOKEHJS: W.Output | None = None
+JS_MIME = "application/javascript"      # what Voila's pages render (JupyterLab: jupyter_bokeh's own loader type)
+_BOKEHJS: dict[tuple[str, ...], W.Output] = {}
 
 
-def bokehjs_loader() -> W.Output:
-    """A hidden Output widget (one per kernel) that loads BokehJS (core + widgets, inline, ≈ 1.6 MB) into the page.
+def bokehjs_loader(mimes: tuple[str, ...] | None = None) -> W.Output:
+    """A hidden Output widget (one per kernel and ``mimes``) that loads BokehJS (core + widgets, inline, ≈ 1.6 MB)
+    into the page.
 
     Why: jupyter_bokeh's ``BokehModel`` view calls ``window.Bokeh.require`` when it is created, and its lab extension
     does not ship BokehJS. ``output_notebook(INLINE)`` would put megabytes of JS into the cell's outputs (and so
     into the committed notebook). Here the script lives in the Output widget's state, sent over the widget comm, and
     a guard skips it when BokehJS is already loaded. It must be displayed *before* the dashboard (two outputs, in
     order) so that the script has run when the BokehModel view is built.
+
+    ``mimes``: the mime types the script is sent under. By default two, because the front ends differ: JupyterLab
+    renders jupyter_bokeh's loader type, Voila's pages only :data:`JS_MIME` (measured: with the loader type alone a
+    Voila page had no BokehJS). A page that knows its front end sends one copy, half the bytes: the classroom app
+    passes ``(JS_MIME,)``.
     """
-    global _BOKEHJS
-    if _BOKEHJS is None:
+    from bokeh.io.notebook import LOAD_MIME_TYPE
+    mimes = (LOAD_MIME_TYPE, JS_MIME) if mimes is None else tuple(mimes)
+    if mimes not in _BOKEHJS:
         from bokeh.embed.bundle import bundle_for_objs_and_resources
-        from bokeh.io.notebook import LOAD_MIME_TYPE
         from bokeh.resources import Resources
 
         bundle = bundle_for_objs_and_resources(None, Resources(mode="inline", components=["bokeh", "bokeh-widgets"]))
         sources = json.dumps(bundle.js_raw).replace("</", "<\\/")    # a JS array literal of the sources
         js = (f"if (typeof window.Bokeh === 'undefined') {{ for (const src of {sources}) {{ "
               "const s = document.createElement('script'); s.textContent = src; document.head.appendChild(s); } }")
-        _BOKEHJS = W.Output(layout=W.Layout(display="none"))
-        data = {LOAD_MIME_TYPE: js, "application/javascript": js}    # jupyter_bokeh's renderer, else plain JS
-        _BOKEHJS.outputs = ({"output_type": "display_data", "metadata": {}, "data": data},)
-    return _BOKEHJS
+        loader = W.Output(layout=W.Layout(display="none"))
+        loader.outputs = ({"output_type": "display_data", "metadata": {}, "data": dict.fromkeys(mimes, js)},)
+        _BOKEHJS[mimes] = loader
+    return _BOKEHJS[mimes]
 
 
 def patch_message(events: list):
@@ -160,6 +168,7 @@ class DashboardBase:
 
     views: Any
 
+    loader_mimes: tuple[str, ...] | None = None   # BokehJS's mime types (bokehjs_loader); None: every front end
     redraw_s: float = 0.2      # at most 5 redraws per second (plus the final one): serialising growing curves
                                # costs more than a chunk of training at widget sizes
 
@@ -449,7 +458,7 @@ class DashboardBase:
         """Two outputs: the BokehJS loader (a widget view only, no text), then the dashboard (its short repr as
         text/plain). The loader comes first so BokehJS is in the page before the BokehModel view is built."""
         from IPython.display import display
-        loader = bokehjs_loader()._repr_mimebundle_()
+        loader = bokehjs_loader(self.loader_mimes)._repr_mimebundle_()
         del loader["text/plain"]
         display(loader, raw=True)
         display(self._repr_mimebundle_(), raw=True)
