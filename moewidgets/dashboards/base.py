@@ -47,9 +47,9 @@ def bokehjs_loader(mimes: tuple[str, ...] | None = None) -> W.Output:
     order) so that the script has run when the BokehModel view is built.
 
     ``mimes``: the mime types the script is sent under. By default two, because the front ends differ: JupyterLab
-    renders jupyter_bokeh's loader type, Voila's pages only :data:`JS_MIME` (measured: with the loader type alone a
-    Voila page had no BokehJS). A page that knows its front end sends one copy, half the bytes: the classroom app
-    passes ``(JS_MIME,)``.
+    renders jupyter_bokeh's loader type, Voila's pages only ``JS_MIME = "application/javascript"`` (measured: with
+    the loader type alone a Voila page had no BokehJS). A page that knows its front end sends one copy, half the
+    bytes: the classroom app passes ``(JS_MIME,)``.
     """
     from bokeh.io.notebook import LOAD_MIME_TYPE
     mimes = (LOAD_MIME_TYPE, JS_MIME) if mimes is None else tuple(mimes)
@@ -95,9 +95,9 @@ def one_patch(bokeh: BokehModel):
     Why: jupyter_bokeh sends every document event on its own, as 3 comm messages plus 2 per data array; one redraw
     of chapter 1 changes a dozen properties and arrays, and a k move sent 530 messages of 0.2–0.4 KB, each parsed,
     relayed by the server and applied by the page, on the two cores that also train. Here a redraw is one patch of 3
-    messages, its arrays inline (:func:`patch_message`). Uses jupyter_bokeh's receiver hook (``_document_patched``, the method its document
-    dispatches to); changes the page itself made (``setter`` is the widget) are not echoed, as jupyter_bokeh does.
-    Nested blocks send once, at the end of the outermost.
+    messages, its arrays inline (:func:`patch_message`): a chapter-1 k move sends 42. Uses jupyter_bokeh's receiver
+    hook (``_document_patched``, the method its document dispatches to); changes the page itself made (``setter`` is
+    the widget) are not echoed, as jupyter_bokeh does. Nested blocks send once, at the end of the outermost.
 
     >>> from bokeh.plotting import figure
     >>> fig = figure(); widget = BokehModel(fig); sent = []
