@@ -357,8 +357,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ClaimLock:
-    """A claim on one job in a shared cache (the sweep cache, and the dashboards' run cache): ``<key>.lock`` created with ``O_CREAT | O_EXCL`` holding
-    ``"<pid> <host>"``. A lock whose owner (on this host) is dead is stale and taken over."""
+    """A claim on one job in a shared cache (the sweep cache, and the dashboards' run cache): ``<key>.lock`` created
+    with ``O_CREAT | O_EXCL`` holding ``"<pid> <host>"``. A lock whose owner (on this host) is dead is stale and taken
+    over."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -450,7 +451,7 @@ def _run_jobs(jobs: list[Job], executor: Executor | None, cache_dir: str | Path 
         bar = tqdm(total=sum(j.n_rows for j in jobs), initial=sum(jobs[i].n_rows for i in rows), desc=desc,
                    unit="run")
 
-    locks: dict[int, ClaimLock] = {}      # jobs this process has claimed in the shared cache
+    locks: dict[int, ClaimLock] = {}  # jobs this process has claimed in the shared cache
     claimed: set[int] = set()         # jobs this process runs
 
     def claim(i: int) -> bool:
