@@ -1,7 +1,7 @@
 # moewidgets — set up, open, test and build the course.  GNU make; works as root and non-root.
 #
 #   make lab        create .venv if missing, install, open JupyterLab on the book (127.0.0.1, token kept)
-#   make test       install check, Chromium check, figures, book build, pytest on every core (unit, doctests, nbval, offline book), timed browser tests
+#   make test       install check, Chromium check, pytest on every core (book build + offline book, unit, doctests, nbval), timed browser tests
 #   make book       build the HTML book from the committed notebook outputs into book/_build/html
 #   make notebooks  jupytext --sync book/*.md, then execute every book notebook (tools/execute_notebook.py)
 #   make bench      run the benchmarks (bench/)
@@ -55,7 +55,7 @@ help:
 	@sed -n '2,20p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---------------------------------------------------------------------------------------------
-# Install: torch FIRST (tools/install_torch.sh: TORCH_SPEC / TORCH_INDEX), then the package with the CI pins from
+# Install: uv (the installer, 20 MB), torch (tools/install_torch.sh: TORCH_SPEC / TORCH_INDEX; a local wheel with uv), then the package with the CI pins from
 # constraints.txt minus its torch line (torch is already there; an overridden TORCH_SPEC must not fight the pin).
 # The package and its ~190 dependencies go in with uv (the pinned lock tool: parallel downloads and a shared cache;
 # measured on the busy course machine, same versions: 6 s against 155 s with pip); where uv cannot (e.g. a machine that
@@ -69,8 +69,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt tools/install_torch.sh
 		else echo "make install: '$(PYTHON) -m venv' failed; on Debian/Ubuntu run as root: apt-get install -y python3-venv" >&2; \
 			exit 1; fi; }; }
 	grep -v -E '^torch==' constraints.txt > $(VENV)/constraints-no-torch.txt
-	TORCH_CONSTRAINTS=$(VENV)/constraints-no-torch.txt tools/install_torch.sh $(PY)
-	$(PY) -m pip install -q -c $(VENV)/constraints-no-torch.txt uv && \
+	$(PY) -m pip install -q -c $(VENV)/constraints-no-torch.txt uv || echo "make install: no uv; pip installs everything"
+	TORCH_UV=$(VENV)/bin/uv TORCH_CONSTRAINTS=$(VENV)/constraints-no-torch.txt tools/install_torch.sh $(PY)
+	test -x $(VENV)/bin/uv && \
 		$(VENV)/bin/uv pip install --python $(PY) -c $(VENV)/constraints-no-torch.txt -e ".[$(EXTRAS)]" || { \
 		echo "make install: uv could not install the package (its message is above); installing with pip instead"; \
 		$(PY) -m pip install -c $(VENV)/constraints-no-torch.txt -e ".[$(EXTRAS)]"; }
@@ -88,18 +89,19 @@ lab: install
 
 # ---------------------------------------------------------------------------------------------
 # Stops at the first failing step; prints each step's and the whole run's wall time. Order: install check (the
-# prerequisite) -> Chromium (tools/ensure_chromium.sh: apt as root, else stop with the command) -> figures -> the book
-# build from the committed outputs (execute_notebooks: "off": nothing runs twice) -> ONE pytest session on
-# TEST_WORKERS processes (pytest-xdist, --dist loadscope: a notebook's cells and a test module stay on one worker):
-# the unit tests, the package's docstrings (--doctest-modules, testpaths in pyproject), nbval on the committed
-# outputs and the offline-book browser test (it needs the built book) -> the browser tests that time what a user
-# waits for (JupyterLab, the classroom app, its reconnect), one at a time with nothing beside them.
-# (No $(MAKE) in this recipe: `make -n test` must not run it.)
-# The offline-book test is the longest single test (≈ 75 s): it goes first, the notebooks next, so that no worker
-# is left with it at the end while the other idles (measured: 261 s for the session, against 281 s in pytest's order).
+# prerequisite) -> Chromium (tools/ensure_chromium.sh: apt as root, else stop with the command) -> ONE pytest session
+# on TEST_WORKERS processes (pytest-xdist, --dist loadscope: a notebook's cells and a test module stay on one worker):
+# the offline-book browser test, which first builds the book as `make book` does (the figure pages, then
+# jupyter-book build -W -n --keep-going from the committed outputs: execute_notebooks "off", nothing runs twice;
+# MOEWIDGETS_BOOK_BUILD=always) and then opens every page; the unit tests, the package's docstrings
+# (--doctest-modules, testpaths in pyproject), nbval on the committed outputs, the kernel-free figure pages and the
+# classroom page's reconnect (correctness, no target) -> the browser tests that time what a user waits for
+# (JupyterLab, six classroom visitors), one at a time with nothing beside them. (No $(MAKE) in this recipe: `make -n test` must not run it.)
+# The book build is single-threaded: inside the session the other worker runs tests beside it instead of a core
+# idling for its ≈ 50 s. The offline-book test (build + ≈ 90 s of pages) is the longest: it goes first, the notebooks
+# next, so that no worker is left with it at the end while the other idles.
 OFFLINE_BOOK_TEST := tests/browser/test_offline_book.py
-TIMED_BROWSER_TESTS := tests/browser/test_chapter1_browser.py tests/browser/test_voila_browser.py \
-	tests/browser/test_voila_reconnect.py
+TIMED_BROWSER_TESTS := tests/browser/test_chapter1_browser.py tests/browser/test_voila_browser.py
 # Workers: the cores, at most 4 (each holds torch and a notebook kernel: ≈ 0.5 GB).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 test: install
@@ -107,11 +109,8 @@ test: install
 		"$$@" || return $$?; echo "<== $$name: ok in $$(( $$(date +%s) - t )) s"; }; \
 	rc=0; { \
 		step "chromium" tools/ensure_chromium.sh && \
-		step "figures" $(PY) tools/make_static_figures.py --render-only && \
-		step "performance figure" $(PY) tools/make_performance_figure.py && \
-		step "book build" $(BOOK_BUILD) -W -n --keep-going && \
-		step "pytest: unit tests, doctests, nbval, offline book ($(TEST_WORKERS) workers)" \
-			$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder \
+		step "pytest: book build + offline book, unit tests, doctests, nbval ($(TEST_WORKERS) workers)" \
+			env MOEWIDGETS_BOOK_BUILD=always $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder \
 			$(OFFLINE_BOOK_TEST) book tests moewidgets --ignore=book/_build \
 			$(addprefix --ignore=,$(TIMED_BROWSER_TESTS)) \
 			--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider && \

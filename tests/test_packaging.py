@@ -195,29 +195,40 @@ def _test_recipe() -> str:
 def test_make_test_runs_its_steps_in_order():
     recipe = _test_recipe()
     assert re.match(r"test: install\b", recipe), "the install check is make test's prerequisite"
-    order = ['step "chromium" tools/ensure_chromium.sh', 'step "figures"', 'step "book build"', 'step "pytest: unit',
-             'step "browser tests that time']
+    order = ['step "chromium" tools/ensure_chromium.sh', 'step "pytest: book build', 'step "browser tests that time']
     at = [recipe.find(s) for s in order]
     assert all(i >= 0 for i in at), dict(zip(order, at))
     assert at == sorted(at), f"steps out of order: {dict(zip(order, at))}"
-    parallel = recipe[at[3]:at[4]]
+    parallel = recipe[at[1]:at[2]]
+    assert "MOEWIDGETS_BOOK_BUILD=always" in parallel, "the offline-book test is make test's book build"
     assert "-n $(TEST_WORKERS) --dist loadscope" in parallel, "a notebook's cells must stay on one worker (nbval)"
     assert "$(OFFLINE_BOOK_TEST) book tests moewidgets" in parallel, "the unit tests, the package's doctests and " \
         "the book's notebooks, the longest test first"
     assert "OFFLINE_BOOK_TEST := tests/browser/test_offline_book.py" in _makefile()
     assert "--nbval --nbval-current-env" in parallel
     assert "$(addprefix --ignore=,$(TIMED_BROWSER_TESTS))" in parallel, "timed browser tests run alone, after"
-    assert "$(TIMED_BROWSER_TESTS)" in recipe[at[4]:]
+    assert "$(TIMED_BROWSER_TESTS)" in recipe[at[2]:]
+
+
+def test_the_offline_book_test_builds_the_book_strictly():
+    """make test has no book-build step of its own: the offline-book test builds it, so it must be as strict as
+    the step was (warnings are errors, nitpicky references, every warning listed)."""
+    source = (ROOT / "tests" / "browser" / "test_offline_book.py").read_text()
+    assert 'STRICT = ("-W", "-n", "--keep-going")' in source
+    assert '"--config", str(CONFIG), *STRICT]' in source
 
 
 def test_every_browser_test_runs_once_and_the_timed_ones_alone():
-    """The offline-book test (it needs the built book, which the step before builds) runs with the parallel
-    session; the tests that time what a user waits for run after it, one at a time; none is left out."""
+    """The tests that time what a user waits for run after the parallel session, one at a time; every other browser
+    test (the offline book, the kernel-free figure pages, the classroom page's reconnect: none has a time target)
+    runs in the session; none is left out."""
     timed = re.search(r"^TIMED_BROWSER_TESTS := ((?:.*\\\n)*.*)$", _makefile(), flags=re.MULTILINE).group(1)
     timed_files = set(timed.replace("\\", " ").split())
     browser = {f"tests/browser/{p.name}" for p in (ROOT / "tests" / "browser").glob("test_*.py")}
     assert timed_files <= browser, timed_files - browser
-    assert browser - timed_files == {"tests/browser/test_offline_book.py"}
+    assert browser - timed_files == {"tests/browser/test_offline_book.py", "tests/browser/test_static_figures_browser.py",
+                                     "tests/browser/test_voila_reconnect.py"}
+    assert timed_files == {"tests/browser/test_chapter1_browser.py", "tests/browser/test_voila_browser.py"}
 
 
 def test_pytest_runs_the_package_doctests():

@@ -6,6 +6,8 @@
 #   TORCH_SPEC    what to install; default torch==<the torch pin in constraints.txt>
 #   TORCH_INDEX   where from: auto (default) | pypi | an index URL, added as pip's --extra-index-url
 #   TORCH_CONSTRAINTS  a pip constraints file for torch's own dependencies (make install: constraints.txt minus torch)
+#   TORCH_UV      path to a uv binary (make install: the venv's): a local wheel is installed with it (7 s against 45 s
+#                 for pip unpacking the 200 MB wheel, measured here, same packages); pip when uv fails or is absent
 #
 # auto:
 #   Linux x86_64  a local wheel that satisfies TORCH_SPEC (pip's find-links, as on the course machines) wins and needs
@@ -48,6 +50,18 @@ esac
 
 cons=()
 if [ -n "${TORCH_CONSTRAINTS:-}" ]; then cons=(-c "$TORCH_CONSTRAINTS"); fi
+
+# A local wheel: uv, given pip's find-links (uv does not read pip's configuration). Only here: the CPU index is
+# installed by pip, whose extra-index resolution is the one documented above.
+if [ "$index" = local ] && [ ${#dry[@]} -eq 0 ] && [ -n "${TORCH_UV:-}" ] && [ -x "$TORCH_UV" ]; then
+    links="${PIP_FIND_LINKS:-$("$py" -m pip config get global.find-links 2>/dev/null || true)}"
+    uv_links=()
+    for l in $links; do uv_links+=(--find-links "$l"); done
+    if "$TORCH_UV" pip install --python "$py" "${uv_links[@]}" "${cons[@]}" "$spec"; then
+        exit 0
+    fi
+    echo "torch: uv could not install the local wheel (its message is above); pip instead"
+fi
 
 if ! "$py" -m pip install "${dry[@]}" "${extra[@]}" "${cons[@]}" "$spec"; then
     {

@@ -1,9 +1,10 @@
-"""What both browser tests share: where things are, how Chromium is launched, and starting a server on a free port
-and waiting until it answers (JupyterLab in test_chapter1_browser.py, Voila in test_voila_browser.py and test_voila_reconnect.py), and
-stopping it again."""
+"""What the browser tests share: where things are, how Chromium is launched, starting a server on a free port and
+waiting until it answers (JupyterLab in test_chapter1_browser.py, Voila in test_voila_browser.py and
+test_voila_reconnect.py), stopping it again, and watching a page for errors and outside requests."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -55,3 +56,12 @@ def stop_server(proc: subprocess.Popen, *folders: str | Path) -> None:
         proc.kill()
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def watch(page, errors: list[str], outside: list[str]) -> None:
+    """Collect ``page``'s console errors and uncaught exceptions into ``errors``, and every request that leaves the
+    machine (anything but 127.0.0.1, ``file:``, ``data:`` and ``blob:``) into ``outside``."""
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: outside.append(r.url)
+            if not re.match(r"(https?|wss?)://127\.0\.0\.1[:/]|file:|data:|blob:", r.url) else None)

@@ -23,12 +23,15 @@ pages of code with neither math nor figures) get the checks but only a first-scr
 test near a minute and a half on 2 busy cores.
 
 **Build or reuse.** The test builds the book (as ``make book`` does: the figure pages from the committed data, then
-``jupyter-book build book/ --config jupyter_book_config.yml``) only when ``book/_build/html/index.html`` is missing or
-older than one of its sources (anything under ``book/`` outside ``_build``, ``jupyter_book_config.yml``, the package's
-``.py`` files that the API pages document). Run it right after the book build of ``make test`` and it reuses that
-build. ``MOEWIDGETS_BOOK_DIR`` (a book source folder, e.g. a copy in ``/tmp``) tests another book; its HTML is read
-from ``<dir>/_build/html`` and it is built with the same config file when stale (figure pages are not regenerated for
-a copy). ``MOEWIDGETS_BOOK_BUILD=never`` checks the HTML as it is (fails if there is none), ``=always`` rebuilds.
+``jupyter-book build book/ --config jupyter_book_config.yml``, here strict: ``-W -n --keep-going``, so a Sphinx
+warning such as a broken reference fails the test and every warning is listed) only when
+``book/_build/html/index.html`` is missing or older than one of its sources (anything under ``book/`` outside
+``_build``, ``jupyter_book_config.yml``, the package's ``.py`` files that the API pages document).
+``MOEWIDGETS_BOOK_BUILD=always`` rebuilds: ``make test`` sets it, so this test is the book build of ``make test``,
+on one worker of the parallel session while the other runs unit tests (the build is single-threaded).
+``MOEWIDGETS_BOOK_BUILD=never`` checks the HTML as it is (fails if there is none). ``MOEWIDGETS_BOOK_DIR`` (a book
+source folder, e.g. a copy in ``/tmp``) tests another book; its HTML is read from ``<dir>/_build/html`` and it is
+built with the same config file when stale (figure pages are not regenerated for a copy).
 Fails (never skips) without ``/usr/bin/chromium``.
 """
 from __future__ import annotations
@@ -59,6 +62,7 @@ KNOWN_PAGE_ERRORS = ("Identifier 'THEBE_JS_URL' has already been declared",   # 
 PAGE_TIMEOUT_MS = 30_000      # MathJax / BokehJS of one page, on a loaded 2-core machine
 BUILD_TIMEOUT_S = 900
 BUILD_MODE = os.environ.get("MOEWIDGETS_BOOK_BUILD", "auto")
+STRICT = ("-W", "-n", "--keep-going")   # jupyter-book build: warnings are errors, nitpicky references, report all
 
 
 def book_sources() -> list[Path]:
@@ -99,10 +103,12 @@ def ensure_book() -> str:
         for tool in ("tools/make_static_figures.py --render-only", "tools/make_performance_figure.py"):
             subprocess.run([sys.executable, *tool.split()], cwd=ROOT, env=env, check=True, timeout=BUILD_TIMEOUT_S)
     jb = Path(sys.executable).with_name("jupyter-book")
-    proc = subprocess.run([str(jb), "build", str(BOOK), "--config", str(CONFIG)], cwd=ROOT, env=env,
+    # strict, as `make test` wants it: a Sphinx warning (a broken reference, a missing figure) fails the test, and
+    # --keep-going lists every warning at once instead of stopping at the first
+    proc = subprocess.run([str(jb), "build", str(BOOK), "--config", str(CONFIG), *STRICT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     assert proc.returncode == 0 and (HTML / "index.html").exists(), \
-        f"book build failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        f"book build failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return f"built ({reason})"
 
 

@@ -31,6 +31,8 @@ connection after 10 min idle (here the same, not the 20 s of test_voila_browser)
 
 Writes build/browser/voila-reconnect.json (times from the drop to the page's reconnect and to "done", what Voila
 logged: buffering, restoring, replaying) and voila-reconnect.log. Fails (never skips) without /usr/bin/chromium.
+It checks behaviour, not speed: ``make test`` runs it in the parallel session beside other tests, so the times it
+records are those of a loaded machine.
 """
 from __future__ import annotations
 
