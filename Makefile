@@ -160,7 +160,7 @@ reproduce: install
 # (the chapter a class opens at once) keeps APP_LESSON_POOL. Each waiting kernel holds ≈ 0.4 GB: the default
 # (1 per chapter, 4 chapters) ≈ 1.6 GB; `make app APP_LESSON_POOL=6` for six visitors at once adds 2 GB (a lesson on
 # one chapter: APP_POOL=0 APP_LESSON_POOL=6, what the Voila test measures). A used kernel
-# is replaced 20 s later (not during the burst). APP_POOL=0 APP_LESSON_POOL=0 turns the pools off. Finished runs
+# is replaced 60 s later (after the burst: six replacements at once take both cores for ≈ 15 s; app/README.md). APP_POOL=0 APP_LESSON_POOL=0 turns the pools off. Finished runs
 # are shared by all kernels through the run cache (MOEWIDGETS_RUN_CACHE, default ~/.cache/moewidgets/runs).
 APP_PORT ?= 8866
 APP_IP ?= 127.0.0.1
@@ -175,7 +175,7 @@ app: install
 		--VoilaConfiguration.extension_denylist='["jupyterlab-myst", "jupyterlab-jupytext"]' \
 		--VoilaConfiguration.preheat_kernel=True --VoilaConfiguration.default_pool_size=$(APP_POOL) \
 		--VoilaKernelManager.kernel_pools_config='$(APP_POOLS)' \
-		--VoilaKernelManager.fill_delay=20 \
+		--VoilaKernelManager.fill_delay=60 \
 		--MappingKernelManager.cull_idle_timeout=$(APP_CULL_S) --MappingKernelManager.cull_interval=60
 
 figures: install

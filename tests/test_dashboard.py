@@ -357,3 +357,40 @@ def test_bokehjs_goes_once_per_mime_type_asked():
         IPython.display.display = original
     assert js.model_id in json.dumps(shown[0], default=str)        # the app's dashboard shows the one-copy loader
     dash.runner.close()
+
+
+def test_a_late_page_gets_the_document_as_it_is_now_serialised_while_the_kernel_waited():
+    """``resync_late_pages``: a page's state request gets the bokeh document as it is now (oracle: jupyter_bokeh's
+    own serialisation of the current model); after the first run the document is serialised once, a second after
+    the last change (what a preheated kernel does before its visitor comes), and the request uses that copy; a later
+    change makes the next request serialise again."""
+    async def go():
+        dash = Chapter1Dashboard(SMALL, autostart=False)
+        dash.resync_late_pages(delays_s=())
+        bokeh = dash.widget.children[-1]
+        serialise = bokeh._model_to_traits
+        calls = []
+        bokeh._model_to_traits = lambda model: calls.append(model) or serialise(model)
+        dash.runner.request(dash.config, delay=0.0)
+        await dash.wait()
+        before_quiet = len(calls)
+        await asyncio.sleep(1.5)                                   # a second without changes: serialised ahead
+        ahead = len(calls)
+        first = bokeh.get_state()["render_bundle"]
+        after_request = len(calls)
+        dash.views.caption.text = "a change after the page came"
+        second = bokeh.get_state()["render_bundle"]
+        return dash, serialise, before_quiet, ahead, after_request, len(calls), first, second
+
+    def roots(bundle) -> list:     # the document's models (each serialisation names the document anew)
+        bundle = json.loads(bundle) if isinstance(bundle, str) else bundle
+        (doc,) = bundle["docs_json"].values()
+        return json.loads(json.dumps(doc["roots"]))     # as the page receives it (tuples become lists)
+
+    dash, serialise, before_quiet, ahead, after_request, final, first, second = asyncio.run(go())
+    assert before_quiet == 0 and ahead == 1, (before_quiet, ahead)   # nothing during the run, once when it ended
+    assert after_request == 1                                          # the request used that copy ...
+    assert "a change after the page came" not in json.dumps(roots(first))
+    assert final == 2 and "a change after the page came" in json.dumps(roots(second))  # ... until it changed
+    assert roots(second) == roots(serialise(dash.widget.children[-1]._model))   # the document as it is now
+    dash.runner.close()
