@@ -18,9 +18,10 @@ in a fresh profile.
 
 It saves one full-page screenshot per page to ``build/offline-book/<page>.png`` (``chapter1.html`` →
 ``chapter1.png``, ``figures/chapter1.html`` → ``figures__chapter1.png``; pages taller than ``MAX_SHOT_PX`` are cut
-there) and a summary ``build/offline-book/report.json``. The highlighted module sources (``_modules/``, 40-odd long
-pages of code with neither math nor figures) get the checks but only a first-screen screenshot, which keeps the
-test near a minute and a half on 2 busy cores.
+there) and a summary ``build/offline-book/report.json``. The generated reference pages (``FIRST_SCREEN_ONLY``: the
+highlighted module sources, 40-odd long pages of code with neither math nor figures, the API page and the indexes)
+get the checks but only a first-screen screenshot, which keeps the browsing near a minute and a half on 2 busy
+cores.
 
 **Build or reuse.** The test builds the book (as ``make book`` does: the figure pages from the committed data, then
 ``jupyter-book build book/ --config jupyter_book_config.yml``, here strict: ``-W -n --keep-going``, so a Sphinx
@@ -56,7 +57,9 @@ SHOTS = ROOT / "build" / "offline-book"
 LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:")
 VIEWPORT = {"width": 1280, "height": 900}
 MAX_SHOT_PX = 16_000          # full-page screenshots are cut at this height (the API page is very long)
-FIRST_SCREEN_ONLY = "_modules"  # module-source pages: checked, but screenshot of the first screen only
+# Generated reference pages (module sources, the API page: 226,000 px tall, whose full screenshot alone took 5 s,
+# the indexes): checked like every page, but only their first screen is saved.
+FIRST_SCREEN_ONLY = ("_modules/", "api.html", "genindex.html", "py-modindex.html", "search.html")
 KNOWN_PAGE_ERRORS = ("Identifier 'THEBE_JS_URL' has already been declared",   # sphinx-thebe config emitted twice
                      "Got invalid theme mode: . Resetting to auto.")           # pydata theme, fresh profile
 PAGE_TIMEOUT_MS = 30_000      # MathJax / BokehJS of one page, on a loaded 2-core machine
