@@ -1,7 +1,8 @@
 # moewidgets — set up, open, test and build the course.  GNU make; works as root and non-root.
 #
 #   make lab        create .venv if missing, install, open JupyterLab on the book (127.0.0.1, token kept)
-#   make test       install check, Chromium check, pytest on every core (book build + offline book, unit, doctests, nbval), timed browser tests
+#   make test       install check, Chromium check, pytest on every core (book build + offline book, unit,
+#                   doctests, nbval, untimed browser tests), then the timed browser tests
 #   make book       build the HTML book from the committed notebook outputs into book/_build/html
 #   make notebooks  jupytext --sync book/*.md, then execute every book notebook (tools/execute_notebook.py)
 #   make bench      run the benchmarks (bench/)
@@ -52,11 +53,11 @@ T0 := $(shell date +%s)
 .PHONY: help install lab test book notebooks bench reproduce app figures figures-html lock chromium clean distclean
 
 help:
-	@sed -n '2,20p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---------------------------------------------------------------------------------------------
-# Install: uv (the installer, 20 MB), torch (tools/install_torch.sh: TORCH_SPEC / TORCH_INDEX; a local wheel with uv), then the package with the CI pins from
-# constraints.txt minus its torch line (torch is already there; an overridden TORCH_SPEC must not fight the pin).
+# Install: uv (the installer, 20 MB), torch (tools/install_torch.sh: TORCH_SPEC / TORCH_INDEX; a local wheel with
+# uv), then the package with the CI pins from constraints.txt minus its torch line (torch is already there; an overridden TORCH_SPEC must not fight the pin).
 # The package and its ~190 dependencies go in with uv (the pinned lock tool: parallel downloads and a shared cache;
 # measured on the busy course machine, same versions: 6 s against 155 s with pip); where uv cannot (e.g. a machine that
 # reaches packages only through pip's own configured mirror, which uv does not read), pip does it.
@@ -96,10 +97,11 @@ lab: install
 # MOEWIDGETS_BOOK_BUILD=always) and then opens every page; the unit tests, the package's docstrings
 # (--doctest-modules, testpaths in pyproject), nbval on the committed outputs, the kernel-free figure pages and the
 # classroom page's reconnect (correctness, no target) -> the browser tests that time what a user waits for
-# (JupyterLab, six classroom visitors), one at a time with nothing beside them. (No $(MAKE) in this recipe: `make -n test` must not run it.)
+# (JupyterLab, six classroom visitors), one at a time with nothing beside them.
+# (No $(MAKE) in this recipe: `make -n test` must not run it.)
 # The book build is single-threaded: inside the session the other worker runs tests beside it instead of a core
-# idling for its ≈ 50 s. The offline-book test (build + ≈ 90 s of pages) is the longest: it goes first, the notebooks
-# next, so that no worker is left with it at the end while the other idles.
+# idling for its ≈ 50 s. The offline-book test (build + ≈ 90 s of pages) is the longest: it goes first, the
+# notebooks next, so that no worker is left with it at the end while the other idles.
 OFFLINE_BOOK_TEST := tests/browser/test_offline_book.py
 TIMED_BROWSER_TESTS := tests/browser/test_chapter1_browser.py tests/browser/test_voila_browser.py
 # Workers: the cores, at most 4 (each holds torch and a notebook kernel: ≈ 0.5 GB).
@@ -160,8 +162,9 @@ reproduce: install
 # (the chapter a class opens at once) keeps APP_LESSON_POOL. Each waiting kernel holds ≈ 0.4 GB: the default
 # (1 per chapter, 4 chapters) ≈ 1.6 GB; `make app APP_LESSON_POOL=6` for six visitors at once adds 2 GB (a lesson on
 # one chapter: APP_POOL=0 APP_LESSON_POOL=6, what the Voila test measures). A used kernel
-# is replaced 60 s later (after the burst: six replacements at once take both cores for ≈ 15 s; app/README.md). APP_POOL=0 APP_LESSON_POOL=0 turns the pools off. Finished runs
-# are shared by all kernels through the run cache (MOEWIDGETS_RUN_CACHE, default ~/.cache/moewidgets/runs).
+# is replaced 60 s later (after the burst: six replacements at once take both cores for ≈ 15 s; app/README.md).
+# APP_POOL=0 APP_LESSON_POOL=0 turns the pools off. Finished runs are shared by all kernels through the run cache
+# (MOEWIDGETS_RUN_CACHE, default ~/.cache/moewidgets/runs).
 APP_PORT ?= 8866
 APP_IP ?= 127.0.0.1
 APP_CULL_S ?= 600

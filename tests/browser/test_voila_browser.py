@@ -2,21 +2,21 @@
 
 ``test_chapter1_in_voila``: starts Voila the way ``make app APP_POOL=0 APP_LESSON_POOL=6`` does for a lesson on
 chapter 1 (the app/ folder, the offline template, 127.0.0.1, a preheated kernel pool of ``POOL_SIZE`` per other
-notebook and ``LESSON_POOL`` for chapter 1, used
-kernels replaced after ``FILL_DELAY_S``; here a free port, a token and an empty run cache of its own), waits until
-the pool kernels have run their notebooks and gone quiet (their default runs are then in the run cache: a server
-that has been up for a minute), then opens app/chapter1.ipynb in ``N_VISITORS`` pages *at once* and measures each
-visitor's time from opening the page to its first trained dashboard (status "… 400/400 … — done", cached or not;
-issue target ``FIRST_DONE_TARGET_S``; the page records the moment itself, ``PAGE_PROBE_JS``, so that measuring adds
-no work to the burst). Each page must get its own kernel and reach "done" without a stall: a status
-line unchanged for ``STALL_S`` seconds before "done", or Voila logging that it buffers a kernel's messages (its
-websocket dropped) while every visitor is connected, fails the test (no reload). Then the second visitor leaves, and
-while Voila waits to cull that page's kernel the test moves the experts slider of the first page with the keyboard (E 8 → 7, a run nobody has cached: it trains live) and checks that the status line
-acknowledges at once, that the run trains to the end and redraws the geometry, and counts the bytes the kernel's
-websocket carried to the page per redraw (counted in the page; per status-line update, which moves with every
-redraw); the other visitors' dashboards are untouched. Voila keeps the closed page's kernel until its culler finds
-it idle and unconnected (here after 20 s; `make app`: 10 min): the test waits for that, while the connected first
-visitor keeps theirs. Stops Voila.
+notebook and ``LESSON_POOL`` for chapter 1, used kernels replaced after ``FILL_DELAY_S``; here a free port, a token
+and an empty run cache of its own), waits until the pool kernels have run their notebooks and gone quiet (their
+default runs are then in the run cache: a server that has been up for a minute), then opens app/chapter1.ipynb in
+``N_VISITORS`` pages *at once* and measures each visitor's time from opening the page to its first trained dashboard
+(status "… 400/400 … — done", cached or not; issue target ``FIRST_DONE_TARGET_S``; the page records the moment itself,
+``PAGE_PROBE_JS``, so that measuring adds no work to the burst). Each page must get its own kernel and reach "done"
+without a stall: a status line unchanged for ``STALL_S`` seconds before "done", or Voila logging that it buffers a
+kernel's messages (its websocket dropped) while every visitor is connected, fails the test (no reload). Then the
+second visitor leaves, and while Voila waits to cull that page's kernel the test moves the experts slider of the first
+page with the keyboard (E 8 → 7, a run nobody has cached: it trains live) and checks that the status line acknowledges
+at once, that the run trains to the end and redraws the geometry, and counts the bytes the kernel's websocket carried
+to the page per redraw (counted in the page; per status-line update, which moves with every redraw); the other
+visitors' dashboards are untouched. Voila keeps the closed page's kernel until its culler finds it idle and
+unconnected (here after 20 s; `make app`: 10 min): the test waits for that, while the connected first visitor keeps
+theirs. Stops Voila.
 
 ``N_VISITORS`` (``MOEWIDGETS_VOILA_VISITORS``, default 6: the issue's classroom burst, six visitors opening
 chapter 1 at once) is served from a chapter-1 pool of the same size, as a lesson would configure it. On the 2-core
