@@ -144,14 +144,24 @@ def install_page_probe(page, needle: str) -> None:
     page.add_init_script(PAGE_PROBE_JS % json.dumps(needle))
 
 
-def page_probe(page) -> dict:
-    """The page's counters: ``wsBytes``, ``wsFrames``, ``doneAt`` (epoch ms or None); zeros while it navigates."""
+def while_navigating(page, js: str, arg=None, default=None):
+    """``page.evaluate(js, arg)``, or ``default`` while the page is between documents (Playwright's "Execution context
+    was destroyed" during a navigation); any other error is raised."""
     try:
-        return page.evaluate("() => window.__moe || {wsBytes: 0, wsFrames: 0, doneAt: null}")
-    except Exception as exc:             # "Execution context was destroyed": the page is still loading
+        return page.evaluate(js, arg)
+    except Exception as exc:
         if "context" in str(exc) or "navigat" in str(exc):
-            return {"wsBytes": 0, "wsFrames": 0, "doneAt": None}
+            return default
         raise
+
+
+def page_probe(page) -> dict:
+    """The page's counters (``wsBytes``, ``wsFrames``, ``doneAt``: epoch ms or None) and its status line (``text``);
+    zeros and "" while it navigates."""
+    empty = {"wsBytes": 0, "wsFrames": 0, "doneAt": None, "text": ""}
+    return while_navigating(page, f"""empty => ({{...empty, ...(window.__moe || {{}}),
+                                                 text: document.querySelector('{STATUS}')?.textContent || ''}})""",
+                            empty, empty)
 
 
 def children(pid: int) -> list[str]:
@@ -202,23 +212,14 @@ def kernel_id(page) -> str:
 
 def status_text(page) -> str:
     """The page's status line ("" while there is none, or while the page is still navigating)."""
-    try:
-        return page.evaluate(f"() => document.querySelector('{STATUS}')?.textContent || ''")
-    except Exception as exc:             # "Execution context was destroyed": the page is still loading
-        if "context" in str(exc) or "navigat" in str(exc):
-            return ""
-        raise
+    return while_navigating(page, f"() => document.querySelector('{STATUS}')?.textContent || ''", default="")
 
 
 def open_at_once(pages: list, url: str) -> None:
     """Start every page's navigation to ``url`` without waiting for any (``page.goto`` would wait for each
     response to start, and a preheated page's response starts only once its kernel has run the notebook)."""
     for page in pages:
-        try:
-            page.evaluate("url => { window.location.href = url; }", url)
-        except Exception as exc:         # the navigation may already have begun
-            if "context" not in str(exc) and "navigat" not in str(exc):
-                raise
+        while_navigating(page, "url => { window.location.href = url; }", url)   # it may already have begun
 
 
 def is_done(text: str, needle: str) -> bool:
@@ -248,11 +249,11 @@ def all_to_done(pages: list, t0_epoch: float) -> list[float]:
         for i, page in enumerate(pages):
             if done[i] is not None:
                 continue
-            done_at = page_probe(page)["doneAt"]
-            if done_at is not None:
-                done[i] = round(done_at / 1000 - t0_epoch, 1)
+            probe = page_probe(page)
+            if probe["doneAt"] is not None:
+                done[i] = round(probe["doneAt"] / 1000 - t0_epoch, 1)
                 continue
-            text = status_text(page)
+            text = probe["text"]
             if text != last[i][0]:
                 last[i] = (text, time.monotonic())
             elif text and time.monotonic() - last[i][1] > STALL_S:
